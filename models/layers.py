@@ -1,0 +1,59 @@
+"""Small serialisable layers shared by feature extractors, heads and exported models."""
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+# Per-channel means of the Caffe-trained ImageNet models (BGR order), as used by
+# keras.applications' "caffe" preprocessing (ResNet50).
+_CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+PREPROCESS_MODES = ("caffe", "tf", "none")
+
+
+@keras.saving.register_keras_serializable(package="embedlab")
+class ImagePreprocess(keras.layers.Layer):
+    """Map raw RGB pixels in [0, 255] to what a backbone was trained on.
+
+    Lives inside the model so that an exported model takes raw images and callers
+    can never pair a backbone with the wrong preprocessing.
+    """
+
+    def __init__(self, mode: str, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in PREPROCESS_MODES:
+            raise ValueError(f"unknown preprocessing mode {mode!r}; expected one of {PREPROCESS_MODES}")
+        self.mode = mode
+
+    def call(self, images):
+        images = ops.cast(images, self.compute_dtype)
+        if self.mode == "tf":
+            return images / 127.5 - 1.0
+        if self.mode == "caffe":
+            bgr = ops.flip(images, axis=-1)
+            return bgr - ops.convert_to_tensor(_CAFFE_BGR_MEAN, dtype=self.compute_dtype)
+        return images
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="embedlab")
+class L2Normalize(keras.layers.Layer):
+    """Scale each row to unit L2 norm (zero rows stay zero); always computed in float32."""
+
+    def __init__(self, epsilon: float = 1e-12, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def call(self, x):
+        x = ops.cast(x, "float32")
+        # Divide out the overall scale first: randomly initialised backbones emit
+        # features of norm ~1e-16, whose squares an epsilon would swamp.
+        scale = ops.max(ops.abs(x), axis=-1, keepdims=True)
+        x = x / ops.maximum(scale, 1e-30)
+        squared = ops.sum(ops.square(x), axis=-1, keepdims=True)
+        return x * ops.rsqrt(ops.maximum(squared, self.epsilon))
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}

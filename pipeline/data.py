@@ -1,0 +1,80 @@
+"""tf.data readers over phase 0's TFRecords: parallel decode and resize, batching, prefetch.
+
+Order is deterministic (shards in name order, records in file order, parallel map
+with `deterministic=True`) so that row i of an embedding matrix is always the same image.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import tensorflow as tf
+
+from . import schema
+
+AUTOTUNE = tf.data.AUTOTUNE
+# Everything but the image bytes: what phase 1 stores next to each embedding.
+METADATA_KEYS = ("id", "label", "label_name", "path", "text", "group")
+
+
+def list_shards(dataset_dir: str | Path, split: str) -> list[Path]:
+    return sorted(Path(dataset_dir).glob(schema.shard_glob(split)))
+
+
+def decode_and_resize(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Encoded JPEG/PNG → float32 RGB in [0, 255], squashed to image_size × image_size."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    # Antialiasing matters when downscaling large photos; it is a no-op cost when upscaling.
+    image = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def image_dataset(shards: list[Path], image_size: int, batch_size: int) -> tf.data.Dataset:
+    """Batches of decoded, resized images in record order (no metadata)."""
+    files = [str(p) for p in shards]
+    ds = tf.data.TFRecordDataset(files, num_parallel_reads=None)  # sequential: keeps file order
+    ds = ds.map(lambda s: decode_and_resize(schema.parse(s)["image"], image_size),
+                num_parallel_calls=AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
+def read_metadata(shards: list[Path]) -> dict[str, list]:
+    """The metadata of every record, in record order, without decoding any image."""
+    out: dict[str, list] = {k: [] for k in METADATA_KEYS}
+    if not shards:
+        return out
+    ds = tf.data.TFRecordDataset([str(p) for p in shards]).batch(1024).map(schema.parse)
+    for batch in ds.as_numpy_iterator():
+        for key in METADATA_KEYS:
+            values = batch[key]
+            if values.dtype == object:
+                out[key].extend(v.decode("utf-8") for v in values)
+            else:
+                out[key].extend(int(v) for v in values)
+    return out
+
+
+def count_records(shards: list[Path]) -> int:
+    return sum(1 for _ in tf.data.TFRecordDataset([str(p) for p in shards])) if shards else 0
+
+
+def load_images(shards: list[Path], wanted_ids: set[str], size: int = 96) -> dict[str, "np.ndarray"]:
+    """Decode just the images whose ids are wanted (thumbnails for neighbour grids)."""
+    import numpy as np
+
+    found: dict[str, np.ndarray] = {}
+    if not wanted_ids:
+        return found
+    ds = tf.data.TFRecordDataset([str(p) for p in shards]).map(schema.parse)
+    for rec in ds:
+        rid = rec["id"].numpy().decode("utf-8")
+        if rid in wanted_ids:
+            image = tf.io.decode_image(rec["image"], channels=3, expand_animations=False)
+            h, w = int(image.shape[0]), int(image.shape[1])
+            scale = size / max(h, w)
+            if scale < 1:
+                image = tf.image.resize(image, (max(1, round(h * scale)), max(1, round(w * scale))), antialias=True)
+            found[rid] = np.asarray(tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8))
+            if len(found) == len(wanted_ids):
+                break
+    return found

@@ -1,0 +1,212 @@
+"""Phase 1: run each pretrained backbone over the TFRecords and store its embeddings.
+
+Per backbone, in `runs/<run>/embeddings/<tag>/`:
+    embeddings.npy     unit (L2-normalised) vectors, row i = items.csv row i
+    features_raw.npy   the pooled features before normalisation (phase 2 compares them)
+    items.csv          row, id, split, label, label_name, path, text, group
+    embeddings.json    the interchange format: [{id, label, label_name, split, path, vector}, …]
+    index.faiss        FAISS index over embeddings.npy
+    meta.json          written last: its presence (with a matching fingerprint) marks the work done
+
+Work is checkpointed per TFRecord shard in `parts/`, so an interrupted extraction
+resumes at the first unfinished shard; parts are only assembled when all exist.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from . import atomic
+from .config import BackboneConfig, ExtractConfig, RunConfig
+from .run_dir import RunDir, backbone_tag
+from .vectors import l2_normalize
+
+log = logging.getLogger("embedlab.extract")
+
+
+class PhaseInputError(RuntimeError):
+    """A phase cannot start because an earlier phase's artifacts are missing or stale."""
+
+
+def load_dataset_meta(run_dir: RunDir) -> dict:
+    path = run_dir.dataset_dir / "dataset.json"
+    if not path.is_file():
+        raise PhaseInputError(
+            f"no phase-0 output at {run_dir.dataset_dir} (dataset.json missing): run `python run.py phase0` first")
+    return atomic.read_json(path)
+
+
+def distribution_strategy():
+    """MirroredStrategy over every visible GPU when there are several, else the default."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _fingerprint(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_extract(config: RunConfig, force: bool = False) -> list[Path]:
+    import keras
+
+    run_dir = RunDir(config)
+    dataset_meta = load_dataset_meta(run_dir)
+    if config.extract.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        strategy = distribution_strategy()
+        return [extract_backbone(run_dir, dataset_meta, b, config.extract, strategy, force)
+                for b in config.extract.backbones]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConfig, settings: ExtractConfig,
+                     strategy, force: bool = False) -> Path:
+    from tqdm.auto import tqdm
+
+    from models.backbones import build_feature_extractor
+
+    from .data import image_dataset, list_shards, read_metadata
+
+    tag = backbone_tag(backbone)
+    out = run_dir.embeddings_dir(tag)
+    fingerprint = _fingerprint({
+        "dataset": dataset_meta.get("fingerprint"), "backbone": asdict(backbone), "splits": settings.splits,
+        "dtype": settings.dtype, "index": settings.index, "json": settings.write_json,
+    })
+    meta_path = out / "meta.json"
+    if not force and meta_path.is_file() and atomic.read_json(meta_path).get("fingerprint") == fingerprint:
+        log.info("phase 1: %s is up to date (use --force to redo)", out)
+        return out
+
+    parts_dir = out / "parts"
+    stamp = parts_dir / "fingerprint.txt"
+    if force or not stamp.is_file() or stamp.read_text().strip() != fingerprint:
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(stamp, fingerprint)
+    meta_path.unlink(missing_ok=True)  # the old result no longer describes what is on disk
+
+    shards = [(split, shard) for split in settings.splits for shard in list_shards(run_dir.dataset_dir, split)]
+    if not shards:
+        raise PhaseInputError(f"no TFRecord shards for splits {settings.splits} in {run_dir.dataset_dir}")
+
+    with strategy.scope():
+        extractor = build_feature_extractor(
+            backbone.name, weights=backbone.weights, image_size=backbone.image_size,
+            alpha=backbone.alpha, weights_fallback=backbone.weights_fallback)
+    log.info("phase 1: %s (%s weights, %d px, %d-d) over %d shard(s)", tag, extractor.weights_loaded,
+             extractor.image_size, extractor.dim, len(shards))
+
+    totals = dataset_meta.get("totals", {})
+    total = sum(int(totals.get(split, 0)) for split in settings.splits) or None
+    bar = tqdm(total=total, desc=f"extract {tag}", unit="img", dynamic_ncols=True)
+    predict_seconds, predicted = 0.0, 0
+    progress = _ProgressCallback(bar)
+    for split, shard in shards:
+        part = parts_dir / f"{shard.stem}.npz"
+        if part.is_file():
+            with np.load(part) as done:
+                bar.update(len(done["pooled"]))
+            continue
+        metadata = read_metadata([shard])
+        started = time.perf_counter()
+        outputs = extractor.model.predict(
+            image_dataset([shard], extractor.image_size, settings.batch_size), verbose=0, callbacks=[progress])
+        predict_seconds += time.perf_counter() - started
+        pooled = np.asarray(outputs["pooled"], dtype=np.float32)
+        if len(pooled) != len(metadata["id"]):
+            raise RuntimeError(f"{shard}: {len(pooled)} embeddings for {len(metadata['id'])} records")
+        if not np.isfinite(pooled).all():
+            raise RuntimeError(f"{shard}: the backbone produced non-finite features")
+        predicted += len(pooled)
+        with atomic.atomic_open(part, "wb") as f:
+            np.savez(f, pooled=pooled, split=np.array([split] * len(pooled)),
+                     **{k: np.array(v) for k, v in metadata.items()})
+    bar.close()
+
+    _assemble(out, parts_dir, [shard for _, shard in shards], settings)
+    counts = {split: sum(1 for s, _ in shards if s == split) for split in settings.splits}
+    items = np.load(out / "embeddings.npy", mmap_mode="r").shape[0]
+    atomic.write_json(meta_path, {
+        "tag": tag, "backbone": asdict(backbone), "weights_loaded": extractor.weights_loaded,
+        "image_size": extractor.image_size, "dim": extractor.dim, "n_items": int(items),
+        "shards_per_split": counts, "dtype": settings.dtype, "index": settings.index,
+        "throughput_img_s": (predicted / predict_seconds) if predicted else None,
+        "images_timed": predicted, "dataset": run_dir.dataset_dir.as_posix(),
+        "dataset_fingerprint": dataset_meta.get("fingerprint"), "fingerprint": fingerprint,
+        "mixed_precision": settings.mixed_precision,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    log.info("phase 1: wrote %s (%d items%s)", out, items,
+             f", {predicted / predict_seconds:.1f} img/s" if predicted else "")
+    return out
+
+
+class _ProgressCallback:
+    """Advances a tqdm bar by each predicted batch (Keras passes the batch outputs)."""
+
+    def __new__(cls, bar):
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            def on_predict_batch_end(self, batch, logs=None):
+                outputs = (logs or {}).get("outputs")
+                if isinstance(outputs, dict):
+                    bar.update(int(outputs["pooled"].shape[0]))
+
+        return Callback()
+
+
+def _assemble(out: Path, parts_dir: Path, shards: list[Path], settings: ExtractConfig) -> None:
+    import pandas as pd
+
+    from .index import build_index, save_index
+
+    pooled, columns = [], {k: [] for k in ("split", "id", "label", "label_name", "path", "text", "group")}
+    for shard in shards:
+        with np.load(parts_dir / f"{shard.stem}.npz") as part:
+            pooled.append(part["pooled"])
+            for key in columns:
+                columns[key].extend(part[key].tolist())
+    raw = np.concatenate(pooled).astype(np.float32)
+    unit = l2_normalize(raw)
+    dtype = np.float16 if settings.dtype == "float16" else np.float32
+
+    items = pd.DataFrame({"row": np.arange(len(raw)), **columns})
+    with atomic.atomic_open(out / "items.csv", "w", encoding="utf-8", newline="") as f:
+        items.to_csv(f, index=False)
+    atomic.save_npy(out / "embeddings.npy", unit.astype(dtype))
+    atomic.save_npy(out / "features_raw.npy", raw.astype(dtype))
+    save_index(build_index(unit, settings.index), out / "index.faiss")
+    if settings.write_json:
+        _write_embeddings_json(out / "embeddings.json", items, unit)
+
+
+def _write_embeddings_json(path: Path, items, unit: np.ndarray, chunk: int = 2048) -> None:
+    """Stream the JSON array so memory stays flat however many items there are."""
+    records = items[["id", "label", "label_name", "split", "path"]].to_dict("records")
+    with atomic.atomic_open(path, "w", encoding="utf-8") as f:
+        f.write("[\n")
+        for start in range(0, len(unit), chunk):
+            vectors = np.round(unit[start:start + chunk].astype(np.float64), 6).tolist()
+            lines = []
+            for record, vector in zip(records[start:start + chunk], vectors):
+                lines.append(json.dumps({**record, "label": int(record["label"]), "vector": vector}))
+            f.write(",\n".join(lines))
+            f.write(",\n" if start + chunk < len(unit) else "\n")
+        f.write("]\n")

@@ -1,0 +1,48 @@
+"""Run phases in order for one configuration; the CLI's only entry point into the pipeline."""
+from __future__ import annotations
+
+import logging
+import time
+
+import yaml
+
+from . import atomic
+from .config import RunConfig, to_dict
+from .extract import PhaseInputError
+from .run_dir import RunDir
+
+log = logging.getLogger("embedlab")
+
+
+def _phase_errors() -> tuple[type[BaseException], ...]:
+    from models.backbones import WeightsUnavailableError
+
+    from .ingest import IngestError
+
+    return (IngestError, PhaseInputError, WeightsUnavailableError, FileNotFoundError)
+
+
+
+
+PHASE_ERRORS = _phase_errors()
+
+
+def run_phases(config: RunConfig, phases: list[str], force: bool = False, command: str = "") -> None:
+    run_dir = RunDir(config)
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(run_dir.root / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+    for phase in phases:
+        started = time.perf_counter()
+        if phase == "phase0":
+            from .ingest import run_ingest
+            run_ingest(config, force=force)
+        elif phase == "phase1":
+            from .extract import run_extract
+            run_extract(config, force=force)
+        elif phase == "phase2":
+            from .evaluate import run_evaluate
+            report = run_evaluate(config, force=force, command=command)
+            log.info("report: %s", report.resolve())
+        else:
+            raise ValueError(f"unknown phase {phase!r}")
+        log.info("%s done in %.1f s", phase, time.perf_counter() - started)

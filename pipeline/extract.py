@@ -75,6 +75,7 @@ def run_extract(config: RunConfig, force: bool = False) -> list[Path]:
 
 def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConfig, settings: ExtractConfig,
                      strategy, force: bool = False) -> Path:
+    import tensorflow as tf
     from tqdm.auto import tqdm
 
     from models.backbones import build_feature_extractor
@@ -115,7 +116,6 @@ def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConf
     total = sum(int(totals.get(split, 0)) for split in settings.splits) or None
     bar = tqdm(total=total, desc=f"extract {tag}", unit="img", dynamic_ncols=True)
     predict_seconds, predicted = 0.0, 0
-    progress = _ProgressCallback(bar)
     for split, shard in shards:
         part = parts_dir / f"{shard.stem}.npz"
         if part.is_file():
@@ -124,8 +124,11 @@ def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConf
             continue
         metadata = read_metadata([shard])
         started = time.perf_counter()
+        n = len(metadata["id"])
+        batches = image_dataset([shard], extractor.image_size, settings.batch_size).apply(
+            tf.data.experimental.assert_cardinality(-(-n // settings.batch_size)))
         outputs = extractor.model.predict(
-            image_dataset([shard], extractor.image_size, settings.batch_size), verbose=0, callbacks=[progress])
+            batches, verbose=0, callbacks=[_ProgressCallback(bar, n, settings.batch_size)])
         predict_seconds += time.perf_counter() - started
         pooled = np.asarray(outputs["pooled"], dtype=np.float32)
         if len(pooled) != len(metadata["id"]):
@@ -158,16 +161,19 @@ def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConf
 
 
 class _ProgressCallback:
-    """Advances a tqdm bar by each predicted batch (Keras passes the batch outputs)."""
+    """Advances a tqdm bar as Keras predicts the batches of one shard of `n` records."""
 
-    def __new__(cls, bar):
+    def __new__(cls, bar, n: int, batch_size: int):
         import keras
 
         class Callback(keras.callbacks.Callback):
+            done = 0
+
             def on_predict_batch_end(self, batch, logs=None):
-                outputs = (logs or {}).get("outputs")
-                if isinstance(outputs, dict):
-                    bar.update(int(outputs["pooled"].shape[0]))
+                # Keras 3 passes no outputs here, so progress is counted from the step index.
+                seen = min((batch + 1) * batch_size, n)
+                bar.update(seen - self.done)
+                self.done = seen
 
         return Callback()
 

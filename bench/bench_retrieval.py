@@ -1,0 +1,203 @@
+"""Benchmark pipeline.retrieval.retrieve: wall time and peak memory.
+
+    python bench/bench_retrieval.py [--n 60000 --dim 512 --queries 9000]
+
+Data: `--classes` Gaussian clusters on the unit sphere in `--dim` dimensions
+(centre uniform on the sphere, plus isotropic noise of total norm about `--noise`,
+then L2-normalised), the way class embeddings look. Cases:
+
+* loo: every item queries all the others (query = gallery, leave-one-out);
+* subset: the first `--queries` items query the whole collection, themselves excluded
+  (a test split searched in the full collection).
+
+Each case runs in its own subprocess, so its peak RSS (getrusage maxrss) is its own.
+Results are printed as a markdown table and written to bench/RESULTS_retrieval.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+RESULTS = REPO / "bench" / "RESULTS_retrieval.md"
+CASES = {
+    "loo": "leave-one-out, query = gallery",
+    "subset": "query subset of the gallery, self excluded",
+}
+
+
+def make_data(n: int, dim: int, n_classes: int, noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_classes, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    labels = rng.integers(0, n_classes, n)
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    x *= noise / np.sqrt(dim)
+    x += centres[labels]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, labels
+
+
+def run_case(args: argparse.Namespace) -> dict:
+    """Body of one subprocess: build the data, time one retrieve call."""
+    from pipeline.retrieval import retrieve
+
+    x, labels = make_data(args.n, args.dim, args.classes, args.noise)
+    rss_before_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+    if args.case == "loo":
+        query, query_labels, exclude = x, labels, np.arange(args.n)
+    else:
+        query, query_labels, exclude = x[: args.queries], labels[: args.queries], np.arange(args.queries)
+    start = time.perf_counter()
+    result = retrieve(query, query_labels, x, labels, metric=args.metric, k=args.k, exclude=exclude,
+                      chunk_size=args.chunk_size)
+    wall = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "case": args.case,
+        "metric": args.metric,
+        "n_queries": int(len(query)),
+        "gallery": int(args.n),
+        "dim": int(args.dim),
+        "wall_s": wall,
+        "cpu_s": (usage.ru_utime - cpu_before.ru_utime) + (usage.ru_stime - cpu_before.ru_stime),
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "rss_after_data_mib": rss_before_mib,
+        "metrics": result.metrics,
+    }
+
+
+def machine_description() -> list[str]:
+    cpu = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    blas = "unknown BLAS"
+    try:
+        from threadpoolctl import threadpool_info
+
+        info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+        if info:
+            blas = f"{info[0]['internal_api']} {info[0].get('version')} ({info[0].get('architecture')})"
+    except ImportError:
+        pass
+    return [
+        f"- CPU: {cpu}, {cores} cores available to the process ({platform.machine()}, {platform.system()} {platform.release()})",
+        f"- Memory: {mem_kib / 1024**2:.1f} GiB",
+        f"- Python {platform.python_version()}, numpy {np.__version__}, BLAS: {blas}",
+    ]
+
+
+def load_average() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=60000, help="collection (gallery) size")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--queries", type=int, default=9000, help="queries in the 'subset' case")
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--noise", type=float, default=3.0, help="norm of the noise added to a unit centre")
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--metric", default="cosine", choices=("cosine", "euclidean"))
+    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--cases", default="loo,subset", help="comma-separated: " + ", ".join(CASES))
+    parser.add_argument("--repeat", type=int, default=1, help="runs per case; the table shows the fastest")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file to write ('-' for none)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # set in the per-case subprocess
+    args = parser.parse_args()
+
+    if args.case:
+        print(json.dumps(run_case(args)))
+        return
+
+    load_before = load_average()
+    rows = []
+    for case in args.cases.split(","):
+        if case not in CASES:
+            parser.error(f"unknown case {case!r}")
+        runs = []
+        for _ in range(args.repeat):
+            command = [sys.executable, __file__, "--case", case, "--n", str(args.n), "--dim", str(args.dim),
+                       "--queries", str(args.queries), "--classes", str(args.classes), "--noise", str(args.noise),
+                       "--k", str(args.k), "--metric", args.metric, "--chunk-size", str(args.chunk_size)]
+            completed = subprocess.run(command, capture_output=True, text=True, check=True)
+            runs.append(json.loads(completed.stdout.strip().splitlines()[-1]))
+            print(f"{case}: {runs[-1]['wall_s']:.1f} s, peak RSS {runs[-1]['peak_rss_mib']:.0f} MiB", file=sys.stderr)
+        best = min(runs, key=lambda run: run["wall_s"])
+        best["all_wall_s"] = [run["wall_s"] for run in runs]
+        rows.append(best)
+    load_after = load_average()
+
+    table = [
+        "| case | queries x gallery | metric | wall (s) | CPU (s) | queries/s | peak RSS (MiB) | RSS after data (MiB) | mAP | MAP@R | P@1 |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        m = row["metrics"]
+        runs = ", ".join(f"{w:.1f}" for w in row["all_wall_s"])
+        table.append(
+            f"| {row['case']} ({CASES[row['case']]}) | {row['n_queries']:,} x {row['gallery']:,} | {row['metric']} "
+            f"| {row['wall_s']:.1f}" + (f" (runs: {runs})" if len(row["all_wall_s"]) > 1 else "")
+            + f" | {row['cpu_s']:.1f} | {row['n_queries'] / row['wall_s']:,.0f} | {row['peak_rss_mib']:.0f} "
+            f"| {row['rss_after_data_mib']:.0f} | {m['mAP']:.4f} | {m['MAP@R']:.4f} | {m['P@1']:.4f} |"
+        )
+    print("\n".join(table))
+
+    if str(args.output) != "-":
+        from pipeline.atomic import write_text
+
+        command_line = " ".join(["python bench/bench_retrieval.py", *sys.argv[1:]])
+
+        lines = [
+            "# Retrieval benchmark (`pipeline/retrieval.py`)",
+            "",
+            f"Produced by `{command_line}`.",
+            "",
+            "## Machine",
+            "",
+            *machine_description(),
+            f"- Load average (1/5/15 min) before: {load_before}, after: {load_after}"
+            " (other processes on the machine inflate wall time; CPU time is less affected)",
+            "",
+            "## Data",
+            "",
+            f"{args.classes} Gaussian clusters on the unit sphere, dim {args.dim}, collection of {args.n:,}"
+            f" vectors (float32, L2-normalised; noise norm {args.noise} around unit centres), k = {args.k},"
+            f" chunk_size = {args.chunk_size}. All metrics (P@1, P@k, R@k, mAP, MAP@R, R-precision),"
+            " neighbour lists and k-occurrence are computed. Each case runs in its own subprocess;"
+            " peak RSS is that process's `ru_maxrss` and includes the data itself (RSS after data).",
+            "",
+            "## Results",
+            "",
+            *table,
+            "",
+        ]
+        write_text(args.output, "\n".join(lines))
+        print(f"wrote {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""2-D projections of an embedding space for pictures, and the sample they are drawn on.
+
+t-SNE and UMAP are quadratic-ish and stochastic, so callers project a stratified
+sample (`stratified_sample`) and pass a seed; PCA is exact and cheap.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+METHODS = ("pca", "tsne", "umap")
+
+# Below these sizes the neighbour-graph methods are ill-posed (perplexity or
+# n_neighbors would be < 1, spectral init has too few eigenvectors), so fall back
+# to PCA rather than fail the whole evaluation over a tiny split.
+_MIN_POINTS_TSNE = 5
+_MIN_POINTS_UMAP = 6
+
+
+def _as_2d_float(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2:
+        raise ValueError(f"expected an (n, d) array, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("embeddings contain NaN or inf")
+    return x
+
+
+def _pad_to_2(y: np.ndarray, n: int) -> np.ndarray:
+    # One-dimensional inputs (or rank-1 data) still get an (n, 2) answer so the
+    # plotting code never has to special-case them.
+    if y.shape[1] < 2:
+        y = np.hstack([y, np.zeros((n, 2 - y.shape[1]))])
+    return y
+
+
+def _pca(x: np.ndarray) -> np.ndarray:
+    n = len(x)
+    centred = x - x.mean(axis=0, keepdims=True)
+    u, s, vt = np.linalg.svd(centred, full_matrices=False)
+    k = min(2, len(s))
+    # SVD signs are arbitrary; fix them (largest loading positive) so the same
+    # data gives the same picture across runs and machines.
+    signs = np.sign(vt[:k][np.arange(k), np.argmax(np.abs(vt[:k]), axis=1)])
+    signs[signs == 0] = 1.0
+    y = u[:, :k] * s[:k] * signs
+    return _pad_to_2(y, n)
+
+
+def _has_zero_rows(x: np.ndarray) -> bool:
+    return bool(np.any(np.linalg.norm(x, axis=1) <= 1e-12))
+
+
+def _tsne(x: np.ndarray, seed: int) -> np.ndarray:
+    from sklearn.manifold import TSNE
+
+    n = len(x)
+    # Cosine is the geometry the retrieval uses, but it is undefined for zero
+    # vectors and meaningless in one dimension; use euclidean there.
+    metric = "euclidean" if (x.shape[1] < 2 or _has_zero_rows(x)) else "cosine"
+    tsne = TSNE(
+        n_components=2,
+        perplexity=min(30.0, (n - 1) / 3.0),
+        init="pca",
+        learning_rate="auto",
+        metric=metric,
+        # 500 iterations (250 of them early exaggeration) gives stable cluster
+        # layouts at roughly half the cost of the default 1000.
+        max_iter=500,
+        random_state=seed,
+    )
+    return tsne.fit_transform(x)
+
+
+def _umap(x: np.ndarray, seed: int) -> np.ndarray:
+    # Lazy: importing umap pulls in numba (and tries TensorFlow), ~20 s cold.
+    import umap
+
+    n = len(x)
+    metric = "euclidean" if _has_zero_rows(x) else "cosine"
+    with warnings.catch_warnings():
+        # A fixed random_state forces single-threaded fitting and umap warns
+        # about it every call; that trade (reproducibility) is intended.
+        warnings.filterwarnings("ignore", message=".*n_jobs.*", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*random_state.*", category=UserWarning)
+        reducer = umap.UMAP(
+            n_components=2,
+            n_neighbors=min(15, n - 1),
+            min_dist=0.1,
+            metric=metric,
+            random_state=seed,
+            n_jobs=1,
+        )
+        return reducer.fit_transform(x)
+
+
+def project_2d(x: np.ndarray, method: str, *, seed: int = 0) -> np.ndarray:
+    """Project (n, d) vectors to (n, 2) float32 with "pca", "tsne" or "umap"."""
+    method = method.lower().replace("-", "")
+    if method not in METHODS:
+        raise ValueError(f"unknown projection method {method!r}; expected one of {METHODS}")
+    x = _as_2d_float(x)
+    n = len(x)
+    if n == 0:
+        return np.zeros((0, 2), dtype=np.float32)
+    if n == 1:
+        return np.zeros((1, 2), dtype=np.float32)
+
+    if method == "tsne" and n >= _MIN_POINTS_TSNE:
+        y = _tsne(x, seed)
+    elif method == "umap" and n >= _MIN_POINTS_UMAP:
+        y = _umap(x, seed)
+    else:
+        y = _pca(x)
+
+    y = np.asarray(y, dtype=np.float32)
+    if not np.all(np.isfinite(y)):
+        raise FloatingPointError(f"{method} projection produced non-finite coordinates")
+    return y
+
+
+def stratified_sample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of about `n` items, proportional per class, every class kept when n allows.
+
+    Returns all indices when n >= len(labels). When n is smaller than the number
+    of classes, n random classes contribute one item each.
+    """
+    labels = np.asarray(labels)
+    total = len(labels)
+    if n >= total:
+        return np.arange(total)
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+
+    rng = np.random.default_rng(seed)
+    classes, inverse = np.unique(labels, return_inverse=True)
+    inverse = inverse.ravel()
+    counts = np.bincount(inverse, minlength=len(classes))
+
+    if n < len(classes):
+        chosen = rng.choice(len(classes), size=n, replace=False)
+        quotas = np.zeros(len(classes), dtype=np.int64)
+        quotas[chosen] = 1
+    else:
+        target = n * counts / total
+        quotas = np.minimum(counts, np.maximum(1, np.floor(target).astype(np.int64)))
+        # The floor-with-minimum-one allocation can miss n by up to the number of
+        # classes either way; settle the difference where it distorts
+        # proportions least.
+        while quotas.sum() < n:
+            room = np.where(quotas < counts, target - quotas, -np.inf)
+            quotas[int(np.argmax(room))] += 1
+        while quotas.sum() > n:
+            excess = np.where(quotas > 1, quotas - target, -np.inf)
+            quotas[int(np.argmax(excess))] -= 1
+
+    picked = []
+    for c, q in enumerate(quotas):
+        if q:
+            members = np.flatnonzero(inverse == c)
+            picked.append(rng.choice(members, size=int(q), replace=False))
+    return np.sort(np.concatenate(picked)).astype(np.int64)

@@ -1,0 +1,539 @@
+"""Exact nearest-neighbour search and retrieval metrics, in chunks, in numpy.
+
+Definitions (every metric is computed per query, then averaged):
+
+* Scores. ``metric="cosine"``: rows are L2-normalised (a zero row stays zero,
+  so its scores are 0, never NaN) and the score is the dot product, higher is
+  better. ``metric="euclidean"``: the vectors are used as given and ranked by
+  ascending euclidean distance; internally the float32 key ``2 q.g - ||g||^2``
+  (same order as ascending distance) is what is sorted, and the reported
+  neighbour score is the distance itself, ``sqrt(max(||q||^2 - key, 0))``.
+  Ties are exact equalities of these float32 scores.
+* Exclusion. ``exclude[q]`` (or -1) is the gallery index of query ``q`` itself;
+  that item is removed from q's ranking (leave-one-out when the queries are part
+  of the gallery), so q sees a gallery of N-1 items instead of N.
+* Relevant items of a query: gallery items (after exclusion) whose label equals
+  the query's label (``==``; ints, strings, ...). R = their count. Queries with
+  R = 0 ("without positive", e.g. the only member of its class in leave-one-out)
+  get NaN per-query metrics, are left out of every average and are counted in
+  ``n_queries_without_positive`` (as pytorch-metric-learning does).
+* Ranking: score descending (distance ascending); equal scores are ordered by
+  lower gallery index first. This order defines the neighbour lists and
+  P@1, P@k, R@k, R-precision and MAP@R. ``rank`` below is 1-based.
+* Effective k: ``k_eff = min(k, gallery size seen by the query)`` (N, or N-1
+  with exclusion). ``metrics["k"]`` is the smallest k_eff over the queries.
+* P@1 = 1 if the first item is relevant, else 0.
+* P@k = (#relevant in the top k_eff) / k_eff.
+* R@k ("recall at k" of metric-learning papers) = 1 if at least one relevant item
+  is in the top k_eff, else 0.
+* R-precision = (#relevant in the top R) / R.
+* MAP@R (Musgrave et al. 2020, "A Metric Learning Reality Check")
+  = (1/R) * sum_{i=1..R} P(i) * rel(i), where P(i) is the precision at rank i
+  and rel(i) is 1 if the item at rank i is relevant.
+* AP (averaged into mAP) is over the FULL ranking with scikit-learn's tie
+  semantics, i.e. it equals ``sklearn.metrics.average_precision_score(
+  y_true=relevance, y_score=score)`` of the query:
+  AP = (1/R) * sum_{relevant j} (#relevant with score >= s_j) / (#items with score >= s_j);
+  items with equal scores enter together, so AP does not depend on the index order.
+
+How it is computed: query rows are processed ``chunk_size`` at a time, so only a
+chunk x N float32 score block (plus its sorted copy) ever exists. Each score row
+is value-sorted once (``np.sort`` is several times cheaper than ``np.argsort``);
+the ranks of the relevant items then come from ``np.searchsorted`` of their
+scores into the sorted row, and every metric is a function of those ranks:
+with ranks r_1 < ... < r_R, AP = MAP over the full list = (1/R) sum_m m / r_m and
+MAP@R = (1/R) sum_{m: r_m <= R} m / r_m. Rows where a relevant score equals any
+other score take an exact, slower path for that row only. The top-k neighbours
+are the items at or above the k-th largest score, ordered stably.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+import numpy as np
+
+METRICS = ("cosine", "euclidean")
+
+# Per-query array name -> name of its mean in `RetrievalResult.metrics`.
+_MEAN_OF = {"P@1": "P@1", "P@k": "P@k", "R@k": "R@k", "AP": "mAP", "MAP@R": "MAP@R", "R-precision": "R-precision"}
+
+# Equal-score groups longer than this are located by binary search instead of walked.
+_WALK_LIMIT = 16
+
+# Row block used when computing norms in float64, so no float64 copy of a large
+# matrix is ever made.
+_NORM_BLOCK = 8192
+
+
+@dataclass
+class RetrievalResult:
+    metrics: dict
+    neighbours: np.ndarray
+    neighbour_scores: np.ndarray
+    per_query: dict
+    k_occurrence: np.ndarray
+
+
+@dataclass
+class _Plan:
+    """Everything a worker needs to turn a block of score rows into results."""
+
+    gallery_size: int
+    k: int
+    metric: str
+    query_codes: np.ndarray       # (n_queries,) label code of each query
+    gallery_codes: np.ndarray     # (gallery_size,) label code of each gallery item
+    members_of: list              # class code -> sorted gallery indices with that label
+    n_relevant: np.ndarray        # (n_queries,) R after exclusion
+    excluded_is_member: np.ndarray  # (n_queries,) bool: the excluded item carries the query's label
+    k_eff: np.ndarray             # (n_queries,) effective k
+    query_sq_norms: np.ndarray | None  # float64, euclidean only (to turn keys into distances)
+    query: np.ndarray             # (n_queries, dim) float32, normalised for cosine
+    gallery_t: np.ndarray         # (dim, gallery_size) float32 view
+    gallery_sq_norms: np.ndarray | None  # float32, euclidean only
+    exclude: np.ndarray           # (n_queries,) gallery index to drop, or -1
+    neighbours: np.ndarray
+    neighbour_scores: np.ndarray
+    per_query: dict
+
+
+def retrieve(
+    query: np.ndarray,
+    query_labels: np.ndarray,
+    gallery: np.ndarray,
+    gallery_labels: np.ndarray,
+    *,
+    metric: str = "cosine",
+    k: int = 5,
+    exclude: np.ndarray | None = None,
+    chunk_size: int = 1024,
+    progress: bool = False,
+) -> RetrievalResult:
+    """Rank the gallery for every query and score the rankings (see module docstring)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    k, chunk_size = int(k), int(chunk_size)
+
+    same_matrix = query is gallery
+    gallery32 = _as_float32_matrix(gallery, "gallery")
+    query32 = gallery32 if same_matrix else _as_float32_matrix(query, "query")
+    n_queries, gallery_size = query32.shape[0], gallery32.shape[0]
+    if gallery_size == 0:
+        raise ValueError("the gallery is empty")
+    if query32.shape[1] != gallery32.shape[1]:
+        raise ValueError(f"query dim {query32.shape[1]} != gallery dim {gallery32.shape[1]}")
+    query_codes, gallery_codes = _encode_labels(query_labels, gallery_labels, n_queries, gallery_size)
+    exclude_idx = _check_exclude(exclude, n_queries, gallery_size)
+
+    query_sq_norms = None
+    if metric == "cosine":
+        gallery32 = _l2_normalise(gallery32)
+        query32 = gallery32 if same_matrix else _l2_normalise(query32)
+        gallery_sq_norms = None
+    else:
+        gallery_sq64 = _row_sq_norms(gallery32)
+        query_sq_norms = gallery_sq64 if same_matrix else _row_sq_norms(query32)
+        # 2 q.g - ||g||^2 must not overflow float32, or ranks would be meaningless.
+        if max(gallery_sq64.max(initial=0.0), query_sq_norms.max(initial=0.0)) > np.finfo(np.float32).max / 8:
+            raise ValueError("vector norms too large for float32 euclidean scoring")
+        gallery_sq_norms = gallery_sq64.astype(np.float32)
+
+    # Class membership as sorted index lists: the relevant set of a query is then a
+    # lookup instead of an n_queries x N label comparison.
+    n_codes = int(max(query_codes.max(initial=-1), gallery_codes.max(initial=-1))) + 1
+    order = np.argsort(gallery_codes, kind="stable")
+    bounds = np.searchsorted(gallery_codes[order], np.arange(n_codes + 1))
+    members_of = [order[bounds[c]:bounds[c + 1]] for c in range(n_codes)]
+    class_sizes = np.diff(bounds)
+
+    has_exclusion = exclude_idx >= 0
+    excluded_is_member = has_exclusion & (gallery_codes[np.maximum(exclude_idx, 0)] == query_codes)
+    n_relevant = class_sizes[query_codes] - excluded_is_member
+    k_eff = np.minimum(k, gallery_size - has_exclusion).astype(np.int64)
+
+    plan = _Plan(
+        gallery_size=gallery_size,
+        k=k,
+        metric=metric,
+        query_codes=query_codes,
+        gallery_codes=gallery_codes,
+        members_of=members_of,
+        n_relevant=n_relevant.astype(np.int64),
+        excluded_is_member=excluded_is_member,
+        k_eff=k_eff,
+        query_sq_norms=query_sq_norms,
+        query=query32,
+        gallery_t=gallery32.T,
+        gallery_sq_norms=gallery_sq_norms,
+        exclude=exclude_idx,
+        neighbours=np.full((n_queries, k), -1, dtype=np.int64),
+        neighbour_scores=np.full((n_queries, k), np.nan, dtype=np.float32),
+        per_query={name: np.full(n_queries, np.nan) for name in _MEAN_OF},
+    )
+    plan.per_query["n_relevant"] = plan.n_relevant
+
+    # Each worker thread scores its own block of rows end to end (matmul, sort,
+    # ranks) with single-threaded BLAS: numpy's sort and searchsorted release the
+    # GIL, and a multi-threaded BLAS would keep its threads spinning after every
+    # matmul, stealing the cores the sorting needs. At most chunk_size rows are in
+    # flight at once, split across the workers.
+    n_workers = max(1, min(_worker_count(), n_queries))
+    block_rows = max(1, -(-chunk_size // n_workers))
+    blocks = [(start, min(start + block_rows, n_queries)) for start in range(0, n_queries, block_rows)]
+    buffers = threading.local()
+    blas_limit = _single_threaded_blas() if n_workers > 1 else contextlib.nullcontext()
+    with blas_limit, ThreadPoolExecutor(max_workers=n_workers) as pool:
+        jobs = [pool.submit(_process_block, plan, start, stop, block_rows, buffers) for start, stop in blocks]
+        finished = as_completed(jobs)
+        if progress:
+            from tqdm.auto import tqdm
+
+            finished = tqdm(finished, total=len(jobs), desc=f"retrieval ({metric})", unit="block")
+        try:
+            for job in finished:
+                job.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+    valid = plan.neighbours >= 0
+    k_occurrence = np.bincount(plan.neighbours[valid], minlength=gallery_size).astype(np.int64)
+    evaluated = plan.n_relevant > 0
+    metrics: dict = {}
+    for name, mean_name in _MEAN_OF.items():
+        metrics[mean_name] = float(plan.per_query[name][evaluated].mean()) if evaluated.any() else float("nan")
+    metrics["k"] = int(k_eff.min()) if n_queries else int(min(k, gallery_size))
+    metrics["n_queries"] = int(n_queries)
+    metrics["n_queries_evaluated"] = int(evaluated.sum())
+    metrics["n_queries_without_positive"] = int(n_queries - evaluated.sum())
+    metrics["gallery_size"] = int(gallery_size)
+    return RetrievalResult(
+        metrics=metrics,
+        neighbours=plan.neighbours,
+        neighbour_scores=plan.neighbour_scores,
+        per_query=plan.per_query,
+        k_occurrence=k_occurrence,
+    )
+
+
+def _process_block(plan: _Plan, start: int, stop: int, block_rows: int, buffers: threading.local) -> None:
+    gallery_size = plan.gallery_size
+    if getattr(buffers, "scores", None) is None:
+        # Reused across the blocks of one thread: fresh 100 MB arrays per block
+        # would mostly cost page faults.
+        shape = (block_rows, gallery_size)
+        buffers.scores = np.empty(shape, dtype=np.float32)
+        buffers.sorted = np.empty(shape, dtype=np.float32)
+    scores = buffers.scores[: stop - start]
+    np.matmul(plan.query[start:stop], plan.gallery_t, out=scores)
+    if plan.gallery_sq_norms is not None:
+        scores *= 2.0
+        scores -= plan.gallery_sq_norms
+    excluded = plan.exclude[start:stop]
+    rows = np.flatnonzero(excluded >= 0)
+    # -inf sorts below every finite score: the excluded item can never be ranked,
+    # counted as "greater" or tie with anything.
+    scores[rows, excluded[rows]] = -np.inf
+    sorted_scores = buffers.sorted[: stop - start]
+    np.copyto(sorted_scores, scores)
+    sorted_scores.sort(axis=1)
+    _score_rows(plan, scores, sorted_scores, start)
+
+
+def _score_rows(plan: _Plan, scores: np.ndarray, sorted_scores: np.ndarray, first_query: int) -> None:
+    """Fill the results of queries first_query.. from their score rows (in place)."""
+    n_rows = scores.shape[0]
+    query_ids = np.arange(first_query, first_query + n_rows)
+    _top_k(plan, scores, sorted_scores, query_ids)
+
+    # Queries of one class with the same exclusion status share their relevant set
+    # (up to the excluded item), so their relevant scores form one rectangular block
+    # and all metrics are computed on it at once.
+    evaluated = np.flatnonzero(plan.n_relevant[query_ids] > 0)
+    group_key = plan.query_codes[query_ids[evaluated]] * 2 + plan.excluded_is_member[query_ids[evaluated]]
+    for key in np.unique(group_key):
+        rows = evaluated[group_key == key]
+        _score_group(plan, scores, sorted_scores, rows, query_ids[rows], int(key) // 2, bool(key % 2))
+
+
+def _score_group(
+    plan: _Plan,
+    scores: np.ndarray,
+    sorted_scores: np.ndarray,
+    rows: np.ndarray,
+    queries: np.ndarray,
+    code: int,
+    excluded_is_member: bool,
+) -> None:
+    """Metrics of queries that share their relevant set (`rows` index the block)."""
+    gallery_size = scores.shape[1]
+    members = plan.members_of[code]
+    relevant = scores[rows[:, None], members[None, :]]
+    relevant.sort(axis=1)
+    if excluded_is_member:
+        relevant = relevant[:, 1:]  # the excluded item is the row's single -inf
+    n_rows, n_rel = relevant.shape
+
+    # Everything below is indexed by p, the position of a relevant score in its
+    # ascending row; the matching position in the ranking is m = n_rel - p.
+    after_last_equal = np.empty(relevant.shape, dtype=np.int64)
+    shared = np.empty(relevant.shape, dtype=bool)
+    for i, row in enumerate(rows):
+        sorted_row = sorted_scores[row]
+        found = sorted_row.searchsorted(relevant[i], side="right")
+        after_last_equal[i] = found
+        # Slot found-1 holds the score itself; an equal value one slot lower means
+        # another item has the same score. (found-2 = -1 wraps to the row maximum,
+        # which equals the score only in a constant row: a tie as well.)
+        np.equal(sorted_row[found - 2], relevant[i], out=shared[i])
+
+    ranks = gallery_size + 1 - after_last_equal  # exact where the score is not shared
+    m = np.arange(n_rel, 0, -1, dtype=np.float64)
+    precision = m / ranks
+    average_precision = precision.sum(axis=1)
+    k_eff = plan.k_eff[queries]
+    if shared.any():
+        average_precision += _resolve_ties(
+            plan, scores, sorted_scores, rows, relevant, after_last_equal, shared, ranks, precision,
+            np.maximum(n_rel, k_eff), code,
+        )
+    average_precision /= n_rel
+
+    hits_at_k = np.count_nonzero(ranks <= k_eff[:, None], axis=1)
+    in_top_r = ranks <= n_rel
+    out = plan.per_query
+    out["AP"][queries] = average_precision
+    out["P@1"][queries] = ranks[:, -1] == 1
+    out["P@k"][queries] = hits_at_k / k_eff
+    out["R@k"][queries] = hits_at_k > 0
+    out["R-precision"][queries] = np.count_nonzero(in_top_r, axis=1) / n_rel
+    out["MAP@R"][queries] = np.where(in_top_r, precision, 0.0).sum(axis=1) / n_rel
+
+
+def _resolve_ties(
+    plan: _Plan,
+    scores: np.ndarray,
+    sorted_scores: np.ndarray,
+    rows: np.ndarray,
+    relevant: np.ndarray,
+    after_last_equal: np.ndarray,
+    shared: np.ndarray,
+    ranks: np.ndarray,
+    precision: np.ndarray,
+    rank_cutoff: np.ndarray,
+    code: int,
+) -> np.ndarray:
+    """Fix ranks and precision (in place) where relevant scores are tied; return the AP-sum corrections.
+
+    In float32, ties are common at scale (in 60,000 clustered 512-d vectors most
+    query rows have some), so this works on all tied items of the group at once.
+    A run is the set of relevant items of one row sharing one score value; since
+    `relevant` is sorted, a run is contiguous in p.
+    """
+    gallery_size = scores.shape[1]
+    n_rows, n_rel = relevant.shape
+    tied_row, tied_p = np.nonzero(shared)
+    tied_value = relevant[tied_row, tied_p]
+    is_start = np.ones(tied_row.size, dtype=bool)
+    is_start[1:] = (tied_row[1:] != tied_row[:-1]) | (tied_value[1:] != tied_value[:-1])
+    run_start = np.flatnonzero(is_start)
+    run_of = np.cumsum(is_start) - 1
+    run_row = tied_row[run_start]
+    run_value = tied_value[run_start]
+    run_after = after_last_equal[run_row, tied_p[run_start]]
+    run_relevant_first = tied_p[run_start]
+    run_relevant_end = np.append(tied_p[run_start[1:] - 1], tied_p[-1]) + 1
+    run_first = _first_equal(sorted_scores, rows[run_row], run_value, run_after)
+    run_greater = gallery_size - run_after
+
+    # AP, scikit-learn style: a relevant score s counts every item with score >= s,
+    # tied ones included.
+    exact = (n_rel - run_relevant_first[run_of]) / (gallery_size - run_first[run_of])
+    ap_correction = np.bincount(tied_row, weights=exact - precision[tied_row, tied_p], minlength=n_rows)
+
+    # Stable ranks. The run's group of equal scores takes ranks n_greater+1 ...
+    # If every member of the group is relevant, they fill those ranks in any order.
+    # If it also holds irrelevant items, gallery-index order decides, which needs a
+    # scan of the row; it only matters for groups that start within the first
+    # max(R, k_eff) ranks, since deeper ranks enter no metric but AP (tie-invariant).
+    order_in_run = run_relevant_end[run_of] - 1 - tied_p  # 0 for the best-ranked
+    new_ranks = run_greater[run_of] + 1 + order_in_run
+    group_size = run_after - run_first
+    mixed = (group_size > run_relevant_end - run_relevant_first) & (run_greater < rank_cutoff[run_row])
+    for run in np.flatnonzero(mixed):
+        in_group = np.flatnonzero(scores[rows[run_row[run]]] == run_value[run])
+        relevant_offsets = np.flatnonzero(plan.gallery_codes[in_group] == code)
+        items = run_of == run
+        new_ranks[items] = run_greater[run] + 1 + relevant_offsets[order_in_run[items]]
+    ranks[tied_row, tied_p] = new_ranks
+    precision[tied_row, tied_p] = (n_rel - tied_p) / new_ranks
+    return ap_correction
+
+
+def _first_equal(sorted_scores: np.ndarray, rows: np.ndarray, values: np.ndarray, after_last_equal: np.ndarray) -> np.ndarray:
+    """Index of the first occurrence of values[i] in sorted_scores[rows[i]].
+
+    Tie groups are mostly two or three items, so walking down from the last
+    occurrence beats a binary search; long runs fall back to searchsorted.
+    """
+    flat_sorted = sorted_scores.reshape(-1)
+    row_offset = rows * sorted_scores.shape[1]
+    first = after_last_equal - 1
+    pending = np.arange(first.size)
+    for _ in range(_WALK_LIMIT):
+        if not pending.size:
+            break
+        below = first[pending] - 1
+        continues = below >= 0
+        continues[continues] = flat_sorted[row_offset[pending[continues]] + below[continues]] == values[pending[continues]]
+        pending = pending[continues]
+        first[pending] -= 1
+    for i in pending:
+        first[i] = np.searchsorted(sorted_scores[rows[i]], values[i], side="left")
+    return first
+
+
+def _top_k(plan: _Plan, scores: np.ndarray, sorted_scores: np.ndarray, query_ids: np.ndarray) -> None:
+    """Neighbour lists: everything at or above the k_eff-th largest score, stably ordered."""
+    n_rows, gallery_size = scores.shape
+    k_eff = plan.k_eff[query_ids]
+    active = np.flatnonzero(k_eff > 0)
+    threshold = np.full(n_rows, np.inf, dtype=np.float32)
+    threshold[active] = sorted_scores[active, gallery_size - k_eff[active]]
+    # A row is crowded when the score just below its top k_eff equals the
+    # threshold (a tie across the cut). Those rows are done one by one, so a row of
+    # identical scores cannot blow up memory; the others have exactly k_eff
+    # candidates at or above the threshold.
+    has_below = active[k_eff[active] < gallery_size]
+    crowded = has_below[sorted_scores[has_below, gallery_size - k_eff[has_below] - 1] == threshold[has_below]]
+    n_candidates = k_eff.copy()
+    n_candidates[crowded] = 0
+    cut = threshold.copy()
+    cut[crowded] = np.inf
+    at_or_above = scores >= cut[:, None]
+
+    flat = np.flatnonzero(at_or_above)
+    if flat.size:
+        row_of, column = np.divmod(flat, gallery_size)
+        candidate_scores = scores[row_of, column]
+        # flatnonzero yields columns in increasing order within each row, and
+        # lexsort is stable, so equal scores keep the lower gallery index first.
+        order = np.lexsort((-candidate_scores, row_of))
+        row_of, column, candidate_scores = row_of[order], column[order], candidate_scores[order]
+        row_start = np.concatenate([[0], np.cumsum(n_candidates)])
+        slot = np.arange(flat.size) - row_start[row_of]
+        _store_neighbours(plan, query_ids[row_of], slot, column, candidate_scores)
+
+    for row in crowded:
+        values = scores[row]
+        need = int(k_eff[row])
+        above = np.flatnonzero(values > threshold[row])
+        at_cut = np.flatnonzero(values == threshold[row])[: need - above.size]
+        above = above[np.argsort(-values[above], kind="stable")]
+        column = np.concatenate([above, at_cut])
+        _store_neighbours(plan, np.full(need, query_ids[row]), np.arange(need), column, values[column])
+
+
+def _store_neighbours(plan: _Plan, queries: np.ndarray, slot: np.ndarray, column: np.ndarray, scores: np.ndarray) -> None:
+    plan.neighbours[queries, slot] = column
+    if plan.metric == "euclidean":
+        distance_sq = plan.query_sq_norms[queries] - scores.astype(np.float64)
+        scores = np.sqrt(np.maximum(distance_sq, 0.0))
+    plan.neighbour_scores[queries, slot] = scores
+
+
+def _as_float32_matrix(x: np.ndarray, name: str) -> np.ndarray:
+    array = np.asarray(x)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n, dim), got shape {array.shape}")
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"{name} must be numeric, got dtype {array.dtype}")
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return array
+
+
+def _row_sq_norms(x: np.ndarray) -> np.ndarray:
+    out = np.empty(x.shape[0], dtype=np.float64)
+    for start in range(0, x.shape[0], _NORM_BLOCK):
+        block = x[start:start + _NORM_BLOCK].astype(np.float64)
+        out[start:start + _NORM_BLOCK] = np.einsum("ij,ij->i", block, block)
+    return out
+
+
+def _l2_normalise(x: np.ndarray) -> np.ndarray:
+    norms = np.sqrt(_row_sq_norms(x))
+    scale = np.zeros_like(norms)
+    np.divide(1.0, norms, out=scale, where=norms > 0)
+    out = np.empty_like(x)
+    for start in range(0, x.shape[0], _NORM_BLOCK):
+        stop = start + _NORM_BLOCK
+        # Dividing in float64 keeps exactly representable unit rows unchanged.
+        block = x[start:stop].astype(np.float64)
+        block *= scale[start:stop, None]
+        out[start:stop] = block
+    return out
+
+
+def _encode_labels(query_labels, gallery_labels, n_queries: int, gallery_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes such that codes are equal exactly when the labels are `==`."""
+    q = np.asarray(query_labels)
+    g = np.asarray(gallery_labels)
+    if q.shape != (n_queries,):
+        raise ValueError(f"query_labels must have shape ({n_queries},), got {q.shape}")
+    if g.shape != (gallery_size,):
+        raise ValueError(f"gallery_labels must have shape ({gallery_size},), got {g.shape}")
+    numeric = "biuf"
+    if (q.dtype.kind in numeric and g.dtype.kind in numeric) or (q.dtype.kind == g.dtype.kind and q.dtype.kind in "US"):
+        _, codes = np.unique(np.concatenate([q, g]), return_inverse=True)
+        codes = codes.reshape(-1)
+    else:
+        # Mixed or object labels: a dict keeps Python's == semantics (1 != "1").
+        seen: dict = {}
+        codes = np.fromiter(
+            (seen.setdefault(v, len(seen)) for v in itertools.chain(q.tolist(), g.tolist())),
+            dtype=np.int64,
+            count=n_queries + gallery_size,
+        )
+    codes = codes.astype(np.int64)
+    return codes[:n_queries], codes[n_queries:]
+
+
+def _check_exclude(exclude, n_queries: int, gallery_size: int) -> np.ndarray:
+    if exclude is None:
+        return np.full(n_queries, -1, dtype=np.int64)
+    idx = np.asarray(exclude)
+    if idx.shape != (n_queries,):
+        raise ValueError(f"exclude must have shape ({n_queries},), got {idx.shape}")
+    if idx.size and not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"exclude must hold integer gallery indices, got dtype {idx.dtype}")
+    idx = idx.astype(np.int64)
+    if idx.size and (idx.min() < -1 or idx.max() >= gallery_size):
+        raise ValueError(f"exclude values must lie in [-1, {gallery_size - 1}]")
+    return idx
+
+
+def _single_threaded_blas():
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # without it, BLAS keeps its own threads: slower, still correct
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _worker_count() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 8))

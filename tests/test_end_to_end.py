@@ -1,0 +1,143 @@
+"""The whole CLI on tiny generated images: phase 0 → 1 → 2, resume, idempotence, errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import run as cli
+from tests.conftest import make_class_folder, shared_path
+
+
+def _args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["--run", "t", "--set", f"runs_dir={tmp_path}/runs", "--set", f"reports_dir={tmp_path}/reports",
+            "--set", f"data.tfrecords_dir={tmp_path}/tfrecords", "--set", "data.name=tiny",
+            "--set", "extract.backbones.0.alpha=0.25", "--set", "extract.backbones.0.image_size=32",
+            "--set", "extract.backbones.0.weights=none", "--set", "evaluate.projections=pca,tsne",
+            "--set", "evaluate.projection_sample=60", "--set", "evaluate.grid_queries=3", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("e2e")
+    images = make_class_folder(tmp_path / "images", n_classes=4, per_class=15)
+    code = cli.main(["all", "--source", str(images), "--set", "data.shard_size=8", *_args(tmp_path)])
+    assert code == 0
+    return tmp_path, images
+
+
+def test_all_phases_write_their_artifacts(finished_run):
+    tmp_path, _ = finished_run
+    emb = tmp_path / "runs/t/embeddings/mobilenet-a0.25-32-none"
+    for name in ("embeddings.npy", "features_raw.npy", "items.csv", "embeddings.json", "index.faiss", "meta.json"):
+        assert (emb / name).is_file(), name
+    assert not (emb / "parts").exists(), "checkpoint parts are removed once assembled"
+    unit = np.load(emb / "embeddings.npy")
+    items = pd.read_csv(emb / "items.csv", keep_default_na=False)
+    assert unit.shape == (60, 256) and len(items) == 60
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    as_json = json.loads((emb / "embeddings.json").read_text())
+    assert len(as_json) == 60 and {"id", "label", "path", "vector"} <= set(as_json[0])
+    np.testing.assert_allclose(as_json[5]["vector"], unit[5], atol=1e-5)
+    assert as_json[5]["id"] == items["id"][5]
+
+    ev = tmp_path / "runs/t/eval/mobilenet-a0.25-32-none"
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert set(metrics["retrieval"]) == {"unit/cosine", "unit/euclidean", "raw/euclidean"}
+    cos = metrics["retrieval"]["unit/cosine"]
+    assert 0 <= cos["P@1"] <= 1 and cos["n_queries_evaluated"] == metrics["protocol"]["n_queries"]
+    assert metrics["protocol"]["leave_one_out"] is True
+    assert metrics["topk_agreement_unit"] > 0.9
+    neighbours = pd.read_csv(ev / "neighbours.csv", keep_default_na=False)
+    assert set(neighbours["variant"]) == set(metrics["retrieval"])
+    # each query's own image is never its neighbour (leave-one-out)
+    assert not (neighbours["query_id"] == neighbours["neighbour_id"]).any()
+    report = tmp_path / "reports/t/index.html"
+    html = report.read_text()
+    assert "mobilenet-a0.25-32-none" in html and "MAP@R" in html
+    for plot in metrics["plots"].values():
+        assert (report.parent / "img/mobilenet-a0.25-32-none" / plot).is_file()
+
+
+def test_rerun_does_nothing_and_force_redoes(finished_run):
+    tmp_path, images = finished_run
+    meta = tmp_path / "runs/t/embeddings/mobilenet-a0.25-32-none/meta.json"
+    metrics = tmp_path / "runs/t/eval/mobilenet-a0.25-32-none/metrics.json"
+    before = (meta.stat().st_mtime_ns, metrics.stat().st_mtime_ns)
+    assert cli.main(["all", "--source", str(images), "--set", "data.shard_size=8", *_args(tmp_path)]) == 0
+    assert (meta.stat().st_mtime_ns, metrics.stat().st_mtime_ns) == before
+    assert cli.main(["phase2", "--force", *_args(tmp_path)]) == 0
+    assert metrics.stat().st_mtime_ns != before[1]
+
+
+def test_interrupted_extraction_resumes_from_finished_shards(tmp_path, monkeypatch):
+    import pipeline.data as data
+
+    images = make_class_folder(tmp_path / "images", n_classes=3, per_class=8)
+    assert cli.main(["phase0", "--source", str(images), "--set", "data.shard_size=4", *_args(tmp_path)]) == 0
+    real = data.image_dataset
+    calls = []
+
+    def failing(shards, *a, **k):
+        calls.append(shards)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C during the third shard
+        return real(shards, *a, **k)
+
+    monkeypatch.setattr(data, "image_dataset", failing)
+    assert cli.main(["phase1", *_args(tmp_path)]) == 130
+    out = tmp_path / "runs/t/embeddings/mobilenet-a0.25-32-none"
+    assert not (out / "meta.json").exists() and len(list((out / "parts").glob("*.npz"))) == 2
+    calls.clear()
+    monkeypatch.setattr(data, "image_dataset", lambda shards, *a, **k: (calls.append(shards), real(shards, *a, **k))[1])
+    assert cli.main(["phase1", *_args(tmp_path)]) == 0
+    total_shards = len(list((tmp_path / "tfrecords/tiny").glob("*.tfrecord")))
+    assert len(calls) == total_shards - 2, "finished shards are not extracted again"
+    assert np.load(out / "embeddings.npy").shape[0] == 24
+
+
+def test_phase_without_its_input_fails_clearly(tmp_path, capsys):
+    assert cli.main(["phase1", *_args(tmp_path)]) == 1
+    assert "run `python run.py phase0` first" in capsys.readouterr().err
+
+
+def test_empty_folder_is_a_clear_nonzero_exit(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["phase0", "--source", str(tmp_path / "empty"), *_args(tmp_path)]) == 1
+    assert "error:" in capsys.readouterr().err
+
+
+def test_bad_override_exits_2(tmp_path, capsys):
+    assert cli.main(["phase2", "--set", "evaluate.k=zero", *_args(tmp_path)]) == 2
+
+
+@pytest.mark.shared
+def test_real_weights_on_a_flowers_subset(tmp_path, monkeypatch):
+    """MobileNet 0.25 with real ImageNet weights beats random weights on unseen flower classes."""
+    flowers = shared_path("data", "flowers102")
+    home = shared_path("keras")
+    import models.backbones as bb
+    monkeypatch.setattr(bb, "keras_cache_dirs", lambda: [home / "models"])
+    # 8 classes (4 train, 4 unseen test) × 12 images keeps this under a minute on 2 cores.
+    subset = tmp_path / "flowers"
+    for folder in sorted(flowers.iterdir())[:8]:
+        (subset / folder.name).mkdir(parents=True)
+        for f in sorted(folder.iterdir())[:12]:
+            (subset / folder.name / f.name).symlink_to(f)
+    results = {}
+    for weights in ("imagenet", "none"):
+        args = _args(tmp_path, "--set", "data.split=classes", "--set", "data.class_order=sorted",
+                     "--set", "data.ratios=0.5,0.0,0.5", "--set", "evaluate.projections=pca",
+                     "--set", "extract.backbones.0.image_size=128")
+        args[1] = f"flowers-{weights}"
+        assert cli.main(["all", "--source", str(subset), "--weights", weights, *args]) == 0
+        tag = f"mobilenet-a0.25-128-{weights}"
+        results[weights] = json.loads((tmp_path / f"runs/flowers-{weights}/eval/{tag}/metrics.json").read_text())
+    pretrained, random = (results[w]["retrieval"]["unit/cosine"] for w in ("imagenet", "none"))
+    assert results["imagenet"]["backbone"]["weights_loaded"] == "imagenet"
+    assert pretrained["n_queries"] == 48
+    assert pretrained["MAP@R"] > random["MAP@R"] + 0.1
+    assert pretrained["P@1"] > 0.6

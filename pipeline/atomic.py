@@ -51,6 +51,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, _FILE_MODE)
     try:
         yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the writer closed the file; make its bytes durable before the rename
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -238,6 +238,13 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"data.ratios must be three non-negative numbers summing to 1, got {ratios}")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", config.name):
         raise ConfigError(f"run name {config.name!r} may hold only letters, digits, '.', '_' and '-'")
+    for key in ("max_side", "limit_per_class", "workers"):
+        if getattr(config.data, key) < 0:
+            raise ConfigError(f"data.{key} must not be negative")
+    if config.data.shard_size < 1:
+        raise ConfigError("data.shard_size must be at least 1")
+    if config.extract.batch_size < 1:
+        raise ConfigError("extract.batch_size must be at least 1")
     if config.evaluate.k < 1:
         raise ConfigError("evaluate.k must be at least 1")
     if not config.extract.backbones:

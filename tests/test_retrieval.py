@@ -361,6 +361,30 @@ def test_chunk_size_does_not_change_anything():
             np.testing.assert_array_equal(other.per_query[name], results[0].per_query[name])
 
 
+@pytest.mark.parametrize("metric", METRICS)
+def test_small_internal_budgets_change_nothing(metric, monkeypatch):
+    """Split class groups into many row slices and binary-search every tie group."""
+    import pipeline.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval, "_GROUP_ELEMENTS", 37)
+    monkeypatch.setattr(retrieval, "_WALK_LIMIT", 1)
+    rng = np.random.default_rng(11)
+    prototypes = rng.integers(-2, 3, (6, 3)).astype(np.float32)
+    x = prototypes[rng.integers(0, 6, 90)]
+    labels = rng.integers(0, 3, 90)
+    result = retrieve(x, labels, x, labels, metric=metric, k=4, exclude=np.arange(90), chunk_size=16)
+    assert_matches_brute_force(result, x, labels, x, labels, metric, 4, np.arange(90))
+
+
+def test_no_queries():
+    gallery = np.eye(3, dtype=np.float32)
+    result = retrieve(np.zeros((0, 3), dtype=np.float32), np.array([], dtype=int), gallery, [0, 1, 2], k=2)
+    assert result.neighbours.shape == (0, 2) and result.neighbour_scores.shape == (0, 2)
+    assert result.metrics["n_queries"] == 0 and np.isnan(result.metrics["mAP"])
+    np.testing.assert_array_equal(result.k_occurrence, [0, 0, 0])
+    assert set(result.per_query) == {"AP", "MAP@R", "P@1", "P@k", "R@k", "R-precision", "n_relevant"}
+
+
 def test_memory_stays_per_chunk():
     """numpy reports its buffers to tracemalloc: the peak must be far below one n x N matrix."""
     rng = np.random.default_rng(9)

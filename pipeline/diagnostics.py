@@ -1,4 +1,4 @@
-"""Embedding-space diagnostics and k-means clustering scores, in numpy.
+"""Embedding-space diagnostics (numpy) and k-means clustering scores (scikit-learn).
 
 `embedding_diagnostics(x, labels)` returns a JSON-ready dict (Python floats, ints,
 lists; NaN where a quantity is undefined, e.g. no same-class pair exists):
@@ -213,7 +213,10 @@ def _stratified_sample(codes: np.ndarray, class_sizes: np.ndarray, max_points: i
     rng = np.random.default_rng(seed)
     order = np.argsort(codes, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(class_sizes)])
-    picked = [rng.choice(order[bounds[c]:bounds[c + 1]], size=int(quota[c]), replace=False) for c in range(class_sizes.size)]
+    picked = [
+        rng.choice(order[bounds[c]:bounds[c + 1]], size=int(quota[c]), replace=False)
+        for c in range(class_sizes.size)
+    ]
     return np.sort(np.concatenate(picked))
 
 

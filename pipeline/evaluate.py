@@ -136,8 +136,13 @@ def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force
     labels = items["label"].to_numpy()
     arrays = {"unit": unit, "raw": raw}
 
+    from .projections import BackgroundProjections, stratified_sample
+
     timings = {}
     started = time.perf_counter()
+    projection_rows = query_rows[stratified_sample(labels[query_rows], settings.projection_sample, seed=settings.seed)]
+    projections = BackgroundProjections(unit[projection_rows], settings.projections if len(projection_rows) >= 5
+                                        else [], seed=settings.seed)
     results = {}
     for variant, (which, metric) in VARIANTS.items():
         x = arrays[which]
@@ -166,7 +171,7 @@ def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force
 
     started = time.perf_counter()
     plots, grids = _make_plots(out / "plots", run_dir, items, unit, raw, query_rows, gallery_rows, results,
-                               diagnostics, settings, tag)
+                               diagnostics, settings, tag, projection_rows, projections.result())
     timings["plots"] = time.perf_counter() - started
 
     class_names = dict(zip(items["label"], items["label_name"]))
@@ -242,10 +247,10 @@ def _write_neighbours(out: Path, items, query_rows, gallery_rows, results) -> No
 
 
 def _make_plots(plot_dir: Path, run_dir: RunDir, items, unit, raw, query_rows, gallery_rows, results,
-                diagnostics, settings: EvaluateConfig, tag: str):
+                diagnostics, settings: EvaluateConfig, tag: str, projection_rows, projections: dict):
     from . import plots as P
     from .data import list_shards, load_images
-    from .projections import project_2d, stratified_sample
+    from .projections import stratified_sample
 
     plot_dir.mkdir(parents=True, exist_ok=True)
     labels = items["label"].to_numpy()
@@ -254,19 +259,15 @@ def _make_plots(plot_dir: Path, run_dir: RunDir, items, unit, raw, query_rows, g
     q_labels = np.array([label_index[v] for v in labels[query_rows]])
     made: dict[str, str] = {}
 
-    sample = stratified_sample(q_labels, settings.projection_sample, seed=settings.seed)
-    if len(sample) >= 5:
-        projections = {}
-        for method in settings.projections:
-            try:
-                projections[method.upper() if method == "pca" else {"tsne": "t-SNE", "umap": "UMAP"}[method]] = \
-                    project_2d(unit[query_rows][sample], method, seed=settings.seed)
-            except Exception as exc:  # a projection failing (e.g. too few points) must not sink the report
-                log.warning("phase 2: %s projection skipped: %s", method, exc)
-        if projections:
-            P.plot_projections_grid(projections, q_labels[sample], class_names,
-                                    f"{tag}: test embeddings ({len(sample)} points)", plot_dir / "projections.png")
-            made["projections"] = "projections.png"
+    for name, value in list(projections.items()):
+        if isinstance(value, str):
+            log.warning("phase 2: %s projection skipped: %s", name, value)
+            del projections[name]
+    if projections:
+        p_labels = np.array([label_index[v] for v in labels[projection_rows]])
+        P.plot_projections_grid(projections, p_labels, class_names,
+                                f"{tag}: test embeddings ({len(projection_rows)} points)", plot_dir / "projections.png")
+        made["projections"] = "projections.png"
     heat = stratified_sample(q_labels, settings.heatmap_sample, seed=settings.seed)
     P.plot_similarity_heatmap(unit[query_rows][heat], q_labels[heat], class_names, plot_dir / "heatmap.png",
                               f"{tag}: cosine similarity, sorted by class")

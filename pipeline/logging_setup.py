@@ -10,7 +10,7 @@ def setup_logging(verbose: bool = False) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("tensorflow", "absl", "h5py", "matplotlib", "numba", "PIL"):
+    for noisy in ("tensorflow", "absl", "h5py", "matplotlib", "numba", "PIL", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)

@@ -163,3 +163,55 @@ def stratified_sample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
             members = np.flatnonzero(inverse == c)
             picked.append(rng.choice(members, size=int(q), replace=False))
     return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+_DISPLAY_NAMES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
+
+
+def project_all(x: np.ndarray, methods: list[str], seed: int = 0) -> dict[str, np.ndarray | str]:
+    """Every requested projection, keyed by display name; a failure becomes its message."""
+    out: dict[str, np.ndarray | str] = {}
+    for method in methods:
+        try:
+            out[_DISPLAY_NAMES[method]] = project_2d(x, method, seed=seed)
+        except Exception as exc:  # one projection failing must not sink the others
+            out[_DISPLAY_NAMES.get(method, method)] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+class BackgroundProjections:
+    """Compute projections in a separate process while the caller does other work.
+
+    t-SNE and UMAP (numba compilation included) take tens of seconds, mostly on one
+    core; running them beside the BLAS-bound retrieval shortens phase 2's wall time.
+    """
+
+    def __init__(self, x: np.ndarray, methods: list[str], seed: int = 0):
+        import concurrent.futures
+        import multiprocessing
+
+        self._executor = None
+        self._inline = (x, methods, seed)
+        if not methods:
+            self._future = None
+            return
+        try:
+            # spawn: forking a process that already runs TensorFlow threads can deadlock.
+            self._executor = concurrent.futures.ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            self._future = self._executor.submit(project_all, x, methods, seed)
+        except Exception:  # no process support (sandbox): compute in-line when asked
+            self._future = None
+
+    def result(self) -> dict[str, np.ndarray | str]:
+        try:
+            if self._future is not None:
+                try:
+                    return self._future.result()
+                except Exception:  # the worker died (e.g. killed for memory): fall back in-line
+                    pass
+            x, methods, seed = self._inline
+            return project_all(x, methods, seed)
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)

@@ -405,7 +405,9 @@ def _resolve_ties(
     return ap_correction
 
 
-def _first_equal(sorted_scores: np.ndarray, rows: np.ndarray, values: np.ndarray, after_last_equal: np.ndarray) -> np.ndarray:
+def _first_equal(
+    sorted_scores: np.ndarray, rows: np.ndarray, values: np.ndarray, after_last_equal: np.ndarray
+) -> np.ndarray:
     """Index of the first occurrence of values[i] in sorted_scores[rows[i]].
 
     Tie groups are mostly two or three items, so walking down from the last
@@ -420,11 +422,12 @@ def _first_equal(sorted_scores: np.ndarray, rows: np.ndarray, values: np.ndarray
             break
         below = first[pending] - 1
         continues = below >= 0
-        continues[continues] = flat_sorted[row_offset[pending[continues]] + below[continues]] == values[pending[continues]]
+        candidates = pending[continues]
+        continues[continues] = flat_sorted[row_offset[candidates] + below[continues]] == values[candidates]
         pending = pending[continues]
         first[pending] -= 1
     for i in pending:
-        pass
+        first[i] = np.searchsorted(sorted_scores[rows[i]], values[i], side="left")
     return first
 
 
@@ -469,7 +472,9 @@ def _top_k(plan: _Plan, scores: np.ndarray, sorted_scores: np.ndarray, query_ids
         _store_neighbours(plan, np.full(need, query_ids[row]), np.arange(need), column, values[column])
 
 
-def _store_neighbours(plan: _Plan, queries: np.ndarray, slot: np.ndarray, column: np.ndarray, scores: np.ndarray) -> None:
+def _store_neighbours(
+    plan: _Plan, queries: np.ndarray, slot: np.ndarray, column: np.ndarray, scores: np.ndarray
+) -> None:
     plan.neighbours[queries, slot] = column
     if plan.metric == "euclidean":
         distance_sq = plan.query_sq_norms[queries] - scores.astype(np.float64)

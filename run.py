@@ -56,6 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def saved_run_config(args) -> str | None:
+    """An existing run's own config.yaml, so `phase1 --run NAME` needs no paths re-passed."""
+    from pathlib import Path
+
+    if not args.run:
+        return None
+    runs_dir = "runs"
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "runs_dir":
+            runs_dir = value.strip()
+    path = Path(runs_dir) / args.run / "config.yaml"
+    if path.is_file():
+        print(f"using the settings of run {args.run!r} ({path})", file=sys.stderr)
+        return str(path)
+    return None
+
+
 def config_from_args(args):
     from models.backbones import BACKBONES
     from pipeline.config import BackboneConfig, load_config
@@ -74,7 +92,8 @@ def config_from_args(args):
             overrides.append(f"{key}={value}")
     if getattr(args, "mixed_precision", False):
         overrides.append("extract.mixed_precision=true")
-    config = load_config(args.config, overrides + args.overrides)
+    config_path = args.config or saved_run_config(args)
+    config = load_config(config_path, overrides + args.overrides)
 
     names = getattr(args, "backbone", None)
     if names:

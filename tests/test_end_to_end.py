@@ -141,3 +141,25 @@ def test_real_weights_on_a_flowers_subset(tmp_path, monkeypatch):
     assert pretrained["n_queries"] == 48
     assert pretrained["MAP@R"] > random["MAP@R"] + 0.1
     assert pretrained["P@1"] > 0.6
+
+
+def test_mixed_precision_extraction_matches_float32(finished_run):
+    """--mixed-precision (mixed_float16) gives float32 unit vectors close to a float32 run of the same weights."""
+    import keras
+
+    tmp_path, _ = finished_run
+    weights = tmp_path / "resnet_random.weights.h5"
+    keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(weights)
+    embeddings = {}
+    for run_name, extra in (("fp32", []), ("mp", ["--mixed-precision"])):
+        args = _args(tmp_path, "--backbone", "resnet50", "--weights", str(weights), "--image-size", "32", *extra)
+        args[1] = run_name
+        assert cli.main(["phase1", *args]) == 0
+        out = tmp_path / f"runs/{run_name}/embeddings/resnet50-32-custom"
+        assert json.loads((out / "meta.json").read_text())["mixed_precision"] is bool(extra)
+        embeddings[run_name] = np.load(out / "embeddings.npy")
+    half, full = embeddings["mp"], embeddings["fp32"]
+    assert half.dtype == np.float32 and np.isfinite(half).all()
+    cosine = np.sum(half * full, axis=1)
+    assert cosine.min() > 0.99, cosine.min()
+    assert keras.mixed_precision.global_policy().name == "float32", "the policy is restored after phase 1"

@@ -24,8 +24,13 @@ def decode_and_resize(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
     """Encoded JPEG/PNG → float32 RGB in [0, 255], squashed to image_size × image_size."""
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
-    # Antialiasing matters when downscaling large photos; it is a no-op cost when upscaling.
-    image = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
+    size = (image_size, image_size)
+    # Antialiasing matters when shrinking large photos, but it halves resize throughput
+    # and changes nothing when enlarging (small product shots, CIFAR, Fashion-MNIST).
+    shrinks = tf.reduce_any(tf.shape(image)[:2] > image_size)
+    image = tf.cond(shrinks,
+                    lambda: tf.image.resize(image, size, method="bilinear", antialias=True),
+                    lambda: tf.image.resize(image, size, method="bilinear", antialias=False))
     return tf.clip_by_value(image, 0.0, 255.0)
 
 

@@ -101,6 +101,33 @@ class EvaluateConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Phase 3: metric-learning heads (and, later, fine-tuned backbones)."""
+
+    # One or several losses from models.losses.LOSSES; each trains its own model.
+    losses: list[str] = field(default_factory=lambda: ["triplet"])
+    # "head": frozen backbone, train the head on cached phase-1 features.
+    # "finetune": train the backbone too, on images (not yet available).
+    mode: str = "head"
+    embedding_dim: int = 512
+    epochs: int = 30
+    # Class-balanced batches: P classes × K samples.
+    n_classes_per_batch: int = 16
+    n_samples_per_class: int = 4
+    steps_per_epoch: int = 0          # 0 = one pass over the training items
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    early_stopping_patience: int = 5
+    reduce_lr_patience: int = 2
+    checkpoint_every: int = 5         # epochs between periodic checkpoints
+    # Per-loss hyper-parameters, e.g. {"triplet": {"margin": 0.2, "mining": "semi_hard"}}.
+    loss_params: dict = field(default_factory=dict)
+    # Used when the dataset has no validation split: share of training classes held out.
+    holdout_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     name: str = "demo"
     runs_dir: str = "runs"
@@ -108,6 +135,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -225,6 +253,7 @@ _CHOICES = {
     ("data", "label_from"): ("first", "parent"),
     ("extract", "dtype"): ("float32", "float16"),
     ("extract", "index"): ("flat", "hnsw"),
+    ("train", "mode"): ("head", "finetune"),
 }
 
 

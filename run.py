@@ -17,7 +17,10 @@ PHASES = {
     "phase0": "ingest: validate, split and write sharded TFRecords",
     "phase1": "extract: pretrained-backbone embeddings, JSON + .npy + FAISS index",
     "phase2": "evaluate: retrieval metrics, diagnostics, plots and the HTML report",
-    "all": "phases 0, 1 and 2 in order",
+    "phase3": "train: embedding heads with metric-learning losses (triplet, contrastive, arcface, ...)",
+    "phase4": "re-evaluate: embeddings of every trained model, evaluated exactly as in phase 2",
+    "phase5": "compare: backbones x losses x distances in one report that answers the questions",
+    "all": "phases 0 to 5 in order",
 }
 
 
@@ -49,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--alpha", type=float, help="MobileNet width multiplier")
             g.add_argument("--batch-size", type=int)
             g.add_argument("--mixed-precision", action="store_true", help="mixed_float16 (for GPUs)")
+        if name in ("phase3", "phase4", "phase5", "all"):
+            g = p.add_argument_group("phases 3-5")
+            g.add_argument("--loss", action="append", metavar="NAME",
+                           help="loss to train (repeatable): triplet, contrastive, contrastive_softmax, arcface, "
+                                "multisimilarity, supcon, infonce")
+        if name in ("phase3", "all"):
+            g.add_argument("--mode", choices=["head", "finetune"], help="head: frozen backbone, cached features")
+            g.add_argument("--epochs", type=int)
         if name in ("phase2", "all"):
             g = p.add_argument_group("phase 2")
             g.add_argument("--k", type=int, help="neighbours per query (default 5)")
@@ -85,11 +96,14 @@ def config_from_args(args):
         "source": "data.source", "split": "data.split", "ratios": "data.ratios", "seed": "data.seed",
         "max_side": "data.max_side", "limit_per_class": "data.limit_per_class",
         "batch_size": "extract.batch_size", "k": "evaluate.k", "gallery": "evaluate.gallery_splits",
+        "mode": "train.mode", "epochs": "train.epochs",
     }
     for attr, key in flag_settings.items():
         value = getattr(args, attr, None)
         if value is not None:
             overrides.append(f"{key}={value}")
+    if getattr(args, "loss", None):
+        overrides.append(f"train.losses={','.join(args.loss)}")
     if getattr(args, "mixed_precision", False):
         overrides.append("extract.mixed_precision=true")
     config_path = args.config or saved_run_config(args)
@@ -129,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.runner import PHASE_ERRORS, run_phases
 
-    phases = ["phase0", "phase1", "phase2"] if args.phase == "all" else [args.phase]
+    phases = [f"phase{i}" for i in range(6)] if args.phase == "all" else [args.phase]
     try:
         run_phases(config, phases, force=args.force, command=" ".join(["python run.py", *sys.argv[1:]]))
     except PHASE_ERRORS as exc:

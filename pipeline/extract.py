@@ -181,8 +181,6 @@ class _ProgressCallback:
 def _assemble(out: Path, parts_dir: Path, shards: list[Path], settings: ExtractConfig) -> None:
     import pandas as pd
 
-    from .index import build_index, save_index
-
     pooled, columns = [], {k: [] for k in ("split", "id", "label", "label_name", "path", "text", "group")}
     for shard in shards:
         with np.load(parts_dir / f"{shard.stem}.npz") as part:
@@ -190,10 +188,15 @@ def _assemble(out: Path, parts_dir: Path, shards: list[Path], settings: ExtractC
             for key in columns:
                 columns[key].extend(part[key].tolist())
     raw = np.concatenate(pooled).astype(np.float32)
-    unit = l2_normalize(raw)
-    dtype = np.float16 if settings.dtype == "float16" else np.float32
-
     items = pd.DataFrame({"row": np.arange(len(raw)), **columns})
+    write_embedding_artifacts(out, items, raw, l2_normalize(raw), settings)
+
+
+def write_embedding_artifacts(out: Path, items, raw: np.ndarray, unit: np.ndarray, settings: ExtractConfig) -> None:
+    """The files every embedding directory holds (phase 1, and phase 4 for trained models)."""
+    from .index import build_index, save_index
+
+    dtype = np.float16 if settings.dtype == "float16" else np.float32
     with atomic.atomic_open(out / "items.csv", "w", encoding="utf-8", newline="") as f:
         items.to_csv(f, index=False)
     atomic.save_npy(out / "embeddings.npy", unit.astype(dtype))

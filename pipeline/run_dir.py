@@ -2,7 +2,8 @@
 
     tfrecords/<dataset>/                 phase 0 (shared by every run on that dataset)
     runs/<run>/config.yaml               the resolved configuration of the last command
-    runs/<run>/embeddings/<backbone>/    phase 1
+    runs/<run>/embeddings/<backbone>/    phase 1 (and phase 4: <backbone>+<loss>)
+    runs/<run>/train/<backbone>/<loss>/  phase 3
     runs/<run>/eval/<backbone>/          phase 2
     reports/<run>/index.html             the HTML report
 """
@@ -54,6 +55,9 @@ class RunDir:
 
     def embeddings_dir(self, tag: str) -> Path:
         return self.root / "embeddings" / tag
+
+    def train_dir(self, tag: str, loss: str) -> Path:
+        return self.root / "train" / tag / loss
 
     def eval_dir(self, tag: str) -> Path:
         return self.root / "eval" / tag

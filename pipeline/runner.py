@@ -17,9 +17,13 @@ log = logging.getLogger("embedlab")
 def _phase_errors() -> tuple[type[BaseException], ...]:
     from models.backbones import WeightsUnavailableError
 
+    from .config import ConfigError
     from .ingest import IngestError
+    from .train import TrainingDivergedError
 
-    return (IngestError, PhaseInputError, WeightsUnavailableError, FileNotFoundError)
+    # NotImplementedError: a configured mode that does not exist yet (train.mode=finetune).
+    return (IngestError, PhaseInputError, WeightsUnavailableError, FileNotFoundError, ConfigError,
+            TrainingDivergedError, NotImplementedError)
 
 
 
@@ -43,6 +47,15 @@ def run_phases(config: RunConfig, phases: list[str], force: bool = False, comman
             from .evaluate import run_evaluate
             report = run_evaluate(config, force=force, command=command)
             log.info("report: %s", report.resolve())
+        elif phase == "phase3":
+            from .train import run_train
+            run_train(config, force=force)
+        elif phase == "phase4":
+            from .reevaluate import run_reevaluate
+            run_reevaluate(config, force=force)
+        elif phase == "phase5":
+            from .compare import run_compare
+            log.info("comparison: %s", run_compare(config, command=command).resolve())
         else:
             raise ValueError(f"unknown phase {phase!r}")
         log.info("%s done in %.1f s", phase, time.perf_counter() - started)

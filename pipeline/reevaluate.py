@@ -1,0 +1,83 @@
+"""Phase 4: embeddings from every trained model, evaluated exactly as in phase 2.
+
+For a head trained on cached features (phase 3, `mode: head`), the trained model's
+embeddings are the head applied to the backbone's phase-1 pooled features. They are
+written as a new embedding directory `runs/<run>/embeddings/<tag>+<loss>/` with the
+same files as phase 1 — "raw" now meaning the head's output before L2 normalisation —
+so that phase 2's `evaluate_backbone` runs on them unchanged.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from . import atomic
+from .config import RunConfig
+from .evaluate import evaluate_backbone, load_embeddings
+from .extract import PhaseInputError, write_embedding_artifacts
+from .run_dir import RunDir, backbone_tag
+
+log = logging.getLogger("embedlab.reevaluate")
+
+
+def trained_tag(tag: str, loss: str) -> str:
+    return f"{tag}+{loss}"
+
+
+def head_embeddings(head, raw: np.ndarray, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(pre-normalisation features, unit embeddings) of a trained head on pooled features."""
+    import keras
+
+    from models.layers import L2Normalize
+
+    normalise = next((layer for layer in head.layers if isinstance(layer, L2Normalize)), None)
+    if normalise is None:
+        raise PhaseInputError(f"model {head.name!r} has no L2Normalize layer; not an embedding head")
+    both = keras.Model(head.inputs, [normalise.input, head.outputs[0]])
+    pre, unit = both.predict(raw.astype(np.float32), batch_size=batch_size, verbose=0)
+    return np.asarray(pre, dtype=np.float32), np.asarray(unit, dtype=np.float32)
+
+
+def run_reevaluate(config: RunConfig, force: bool = False) -> list[str]:
+    """Re-embed with each trained model and evaluate; returns the new embedding tags."""
+    import keras
+
+    import models.classifier  # noqa: F401  (registers custom objects for load_model)
+    import models.layers  # noqa: F401
+
+    if config.train.mode != "head":
+        raise PhaseInputError("phase 4 for fine-tuned backbones needs re-extraction from images: "
+                              "train.mode=finetune is not implemented yet")
+    run_dir = RunDir(config)
+    tags = []
+    for backbone in config.extract.backbones:
+        tag = backbone_tag(backbone)
+        for loss in config.train.losses:
+            source = run_dir.train_dir(tag, loss)
+            if not (source / "training.json").is_file() or not (source / "head.keras").is_file():
+                raise PhaseInputError(f"no trained model in {source}: run `python run.py phase3` first")
+            new_tag = trained_tag(tag, loss)
+            training = atomic.read_json(source / "training.json")
+            out = run_dir.embeddings_dir(new_tag)
+            meta_path = out / "meta.json"
+            fingerprint = f"{training.get('fingerprint')}-{config.extract.dtype}-{config.extract.index}"
+            if force or not meta_path.is_file() or atomic.read_json(meta_path).get("fingerprint") != fingerprint:
+                items, _, raw, base_meta = load_embeddings(run_dir.embeddings_dir(tag))
+                head = keras.saving.load_model(source / "head.keras", compile=False)
+                pre, unit = head_embeddings(head, raw)
+                meta_path.unlink(missing_ok=True)
+                write_embedding_artifacts(out, items, pre, unit, config.extract)
+                atomic.write_json(meta_path, {
+                    **{k: base_meta.get(k) for k in ("backbone", "weights_loaded", "image_size", "dataset",
+                                                     "dataset_fingerprint", "throughput_img_s")},
+                    "tag": new_tag, "base_tag": tag, "loss": loss, "trained": True,
+                    "dim": int(unit.shape[1]), "n_items": int(len(unit)), "training": str(source),
+                    "fingerprint": fingerprint, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                })
+                log.info("phase 4: wrote %s (%d × %d)", out, *unit.shape)
+            evaluate_backbone(run_dir, new_tag, config.evaluate, force=force)
+            tags.append(new_tag)
+    return tags

@@ -1,0 +1,516 @@
+"""Phase 3, "head" mode: train an embedding head on cached phase-1 features with a metric-learning loss.
+
+Per backbone and loss, in `runs/<run>/train/<tag>/<loss>/`:
+    head.keras         the embedding head alone (features -> unit vectors); the
+                       classifier that ArcFace trains through is not part of it
+    training.json      written last: loss, parameters, epochs, best epoch and its
+                       validation P@1 / MAP@R, validation protocol, throughput, fingerprint;
+                       its presence (with a matching fingerprint) marks the work done
+    history.csv        one row per epoch: loss, metrics, learning rate, val_P@1, val_MAP@R
+    curves.png         loss, val_P@1 and val_MAP@R per epoch
+    checkpoints/       best.weights.h5 (by val_MAP@R), epoch_NNN.weights.h5 every checkpoint_every epochs
+    backup/            BackupAndRestore state while a fit is unfinished (an interrupted run resumes from it)
+    tensorboard/       TensorBoard logs, when the tensorboard package is installed
+
+Validation is retrieval, the thing the head is for: after every epoch the head
+embeds the validation items and P@1 / MAP@R are computed leave-one-out by cosine.
+The validation items are the "val" split when it has at least two classes with two
+or more items; otherwise a seeded share of the training classes is held out
+(class-disjoint, as in the unseen-class protocol) and trained on by no one.
+
+Mixed precision is not used in head mode: the head is a single Dense layer trained
+on CPU-sized feature arrays, where float16 buys nothing (and CPUs have no fast
+float16 path). The head ends in L2Normalize, which computes in float32, so a
+future fine-tune mode under `mixed_float16` still gets float32 embeddings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import keras
+import numpy as np
+
+from . import atomic
+from .config import ConfigError, RunConfig, TrainConfig
+from .extract import PhaseInputError
+from .run_dir import RunDir, backbone_tag
+
+log = logging.getLogger("embedlab.train")
+
+MONITOR = "val_MAP@R"
+VAL_METRICS = ("P@1", "MAP@R")
+_RESUME_STAMP = "resume.json"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; nothing was saved as a result."""
+
+
+def _fingerprint(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- entry point
+
+def run_train(config: RunConfig, force: bool = False, *, extra_callbacks: Sequence = ()) -> list[Path]:
+    """Train one head per (backbone, loss); returns their output folders.
+
+    `extra_callbacks` are appended after the built-in Keras callbacks of every fit.
+    """
+    settings = config.train
+    if settings.mode != "head":
+        raise NotImplementedError(
+            f"train.mode={settings.mode!r} is not implemented yet; only 'head' (train an embedding head on the "
+            "cached phase-1 features) is available")
+    from models.losses import LOSSES
+
+    unknown = [name for name in settings.losses if name not in LOSSES]
+    if unknown or not settings.losses:
+        raise ConfigError(f"train.losses: unknown or no loss {unknown}; known: {sorted(LOSSES)}")
+    for key in ("n_classes_per_batch", "n_samples_per_class"):
+        if getattr(settings, key) < 2:
+            raise ConfigError(f"train.{key} must be at least 2")
+    if settings.epochs < 1 or settings.steps_per_epoch < 0 or settings.embedding_dim < 1:
+        raise ConfigError("train.epochs and train.embedding_dim must be positive, train.steps_per_epoch >= 0")
+
+    run_dir = RunDir(config)
+    outputs = []
+    for backbone in config.extract.backbones:
+        tag = backbone_tag(backbone)
+        phase1 = load_phase1_features(run_dir.embeddings_dir(tag))
+        for loss_name in settings.losses:
+            outputs.append(train_head(run_dir, tag, phase1, loss_name, settings, force=force,
+                                      extra_callbacks=extra_callbacks))
+    return outputs
+
+
+def load_phase1_features(emb_dir: Path) -> dict:
+    """items.csv, features_raw.npy and meta.json of a finished phase-1 run."""
+    import pandas as pd
+
+    for name in ("meta.json", "items.csv", "features_raw.npy"):
+        if not (emb_dir / name).is_file():
+            raise PhaseInputError(f"no finished phase-1 output in {emb_dir} ({name} missing): run phase1 first "
+                                  "(`python run.py phase1`)")
+    items = pd.read_csv(emb_dir / "items.csv", keep_default_na=False,
+                        dtype={"id": str, "split": str, "label_name": str, "path": str, "text": str, "group": str})
+    features = np.load(emb_dir / "features_raw.npy").astype(np.float32, copy=False)
+    if len(items) != len(features) or features.ndim != 2:
+        raise PhaseInputError(f"{emb_dir}: items.csv ({len(items)} rows) and features_raw.npy {features.shape} "
+                              "disagree: run phase1 again")
+    return {"items": items, "features": features, "meta": atomic.read_json(emb_dir / "meta.json"), "dir": emb_dir}
+
+
+# --------------------------------------------------------------------------- data
+
+def split_train_val(items, settings: TrainConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Row indices to train on, to validate on, and a description of the protocol."""
+    from .sampler import split_usable_classes
+
+    splits = items["split"].to_numpy()
+    labels = items["label"].to_numpy()
+    train_rows = np.flatnonzero(splits == "train")
+    if train_rows.size == 0:
+        raise PhaseInputError(f"no items in split 'train' (splits present: {sorted(set(splits))}): "
+                              "run phase0/phase1 with a training split")
+    val_rows = np.flatnonzero(splits == "val")
+    val_usable, _ = split_usable_classes(labels[val_rows])
+    if val_usable.size >= 2:
+        return train_rows, val_rows, {
+            "protocol": "val_split", "n_items": int(val_rows.size), "n_classes": int(np.unique(labels[val_rows]).size),
+            "n_classes_with_positives": int(val_usable.size)}
+
+    # No usable validation split: hold out whole training classes, so validation
+    # measures what the unseen-class protocol measures and never overlaps training.
+    candidates, _ = split_usable_classes(labels[train_rows])
+    n_classes = np.unique(labels[train_rows]).size
+    n_hold = max(2, int(round(settings.holdout_fraction * n_classes)))
+    if settings.holdout_fraction <= 0 or candidates.size - n_hold < 2:
+        raise PhaseInputError(
+            f"no usable 'val' split (it needs 2 classes with 2+ items; it has {val_usable.size}) and the "
+            f"{candidates.size} training classes with 2+ items cannot spare {n_hold} for validation "
+            f"(train.holdout_fraction={settings.holdout_fraction}) while keeping 2 to train on")
+    rng = np.random.default_rng(settings.seed)
+    held_out = np.sort(rng.choice(candidates, size=n_hold, replace=False))
+    in_holdout = np.isin(labels[train_rows], held_out)
+    log.warning("phase 3: no usable 'val' split; validating on %d held-out training classes (%.0f %%, seed %d), "
+                "class-disjoint from training", n_hold, 100 * settings.holdout_fraction, settings.seed)
+    return train_rows[~in_holdout], train_rows[in_holdout], {
+        "protocol": "holdout_classes", "holdout_fraction": settings.holdout_fraction, "seed": settings.seed,
+        "n_items": int(in_holdout.sum()), "n_classes": int(n_hold), "n_classes_with_positives": int(n_hold),
+        "held_out_labels": held_out.tolist()}
+
+
+# --------------------------------------------------------------------------- callbacks
+
+class RetrievalValidation(keras.callbacks.Callback):
+    """Adds val_P@1 and val_MAP@R (cosine, leave-one-out) of the head's embeddings to each epoch's logs.
+
+    Must come first in the callback list: Keras hands one logs dict to the callbacks
+    in order, so EarlyStopping, checkpoints and loggers placed after it see the keys.
+    """
+
+    def __init__(self, head, features: np.ndarray, labels: np.ndarray, batch_size: int = 1024):
+        super().__init__()
+        self.head = head
+        self.features = np.asarray(features, dtype=np.float32)
+        self.labels = np.asarray(labels)
+        self.batch_size = batch_size
+        self.initial: dict | None = None   # scores of the head before any training step
+        self.seconds = 0.0
+
+    def evaluate(self) -> dict:
+        from .retrieval import retrieve
+
+        started = time.perf_counter()
+        try:
+            embeddings = self.head.predict(self.features, batch_size=self.batch_size, verbose=0)
+            if not np.isfinite(embeddings).all():
+                return {name: float("nan") for name in VAL_METRICS}
+            # Same object as query and gallery: retrieve normalises it once, and
+            # exclude drops each item from its own ranking.
+            result = retrieve(embeddings, self.labels, embeddings, self.labels, metric="cosine", k=1,
+                              exclude=np.arange(len(embeddings)))
+            return {name: float(result.metrics[name]) for name in VAL_METRICS}
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def on_train_begin(self, logs=None):
+        # Runs before BackupAndRestore (later in the list) loads a backup, so on a
+        # resumed run too this scores the freshly initialised head.
+        self.initial = self.evaluate()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        loss = logs.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            scores = {name: float("nan") for name in VAL_METRICS}   # diverged: nothing to score
+        else:
+            scores = self.evaluate()
+        for name, value in scores.items():
+            logs[f"val_{name}"] = value
+
+
+class PeriodicCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint at every `every`-th epoch, counted from the run's start.
+
+    Counting epochs (not batches, as save_freq=int does) keeps the schedule aligned
+    when a fit is resumed part-way.
+    """
+
+    def __init__(self, filepath: str, every: int, **kwargs):
+        super().__init__(filepath, **kwargs)
+        self.every = max(1, int(every))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every == 0:
+            super().on_epoch_end(epoch, logs)
+
+
+class _RestoreMonitorState(keras.callbacks.Callback):
+    """After a resume, gives EarlyStopping and ReduceLROnPlateau the state of the epochs already run.
+
+    Both reset themselves in on_train_begin; without this, patience would restart
+    and the pre-interruption best score would be forgotten. Must follow them in the list.
+    """
+
+    def __init__(self, history, early_stopping, reduce_lr):
+        super().__init__()
+        self.history = history
+        self.monitors = (early_stopping, reduce_lr)
+
+    def on_train_begin(self, logs=None):
+        scores = self.history[MONITOR].to_numpy(dtype=float) if len(self.history) else np.array([])
+        if not np.isfinite(scores).any():
+            return
+        best_index = int(np.nanargmax(scores))
+        since_best = len(scores) - 1 - best_index
+        early_stopping, reduce_lr = self.monitors
+        early_stopping.best = reduce_lr.best = float(scores[best_index])
+        early_stopping.best_epoch = int(self.history["epoch"].iloc[best_index])
+        early_stopping.wait = since_best
+        # ReduceLROnPlateau restarts its count after every reduction (no cooldown here).
+        reduce_lr.wait = since_best % reduce_lr.patience if reduce_lr.patience else 0
+
+
+# --------------------------------------------------------------------------- training
+
+def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings: TrainConfig, force: bool = False,
+               extra_callbacks: Sequence = ()) -> Path:
+    from models import losses as losses_lib
+    from models.heads import build_embedding_head
+
+    from .sampler import balanced_batches, split_usable_classes
+
+    out = run_dir.train_dir(tag, loss_name)
+    loss_params = dict(settings.loss_params.get(loss_name, {}) or {})
+    # Other losses and their parameters do not change this model, so they are not part of its fingerprint.
+    shared = {k: v for k, v in asdict(settings).items() if k not in ("losses", "loss_params")}
+    meta = phase1["meta"]
+    fingerprint = _fingerprint({"features": meta.get("fingerprint"), "created": meta.get("created"),
+                                "train": shared, "loss": loss_name, "loss_params": loss_params})
+    summary_path = out / "training.json"
+    if not force and summary_path.is_file() and atomic.read_json(summary_path).get("fingerprint") == fingerprint:
+        log.info("phase 3: %s is up to date (use --force to redo)", out)
+        return out
+
+    resume_epoch = _prepare_output_dir(out, fingerprint, force)
+    history_path = out / "history.csv"
+    previous = _read_history(history_path, before_epoch=resume_epoch)
+    if resume_epoch:
+        log.info("phase 3: resuming %s after epoch %d", out, resume_epoch)
+        # Rows beyond the backup (an epoch logged, then interrupted before its backup)
+        # are redone, so they go; CSVLogger appends to what remains.
+        _write_history(history_path, previous)
+
+    items, features = phase1["items"], phase1["features"]
+    train_rows, val_rows, validation = split_train_val(items, settings)
+    labels = items["label"].to_numpy()
+    train_labels = labels[train_rows]
+    usable, single = split_usable_classes(train_labels)
+    if usable.size < 2:
+        raise PhaseInputError(f"{tag}: training needs at least 2 classes with 2 or more training items; "
+                              f"found {usable.size}")
+
+    loss = losses_lib.get_loss(loss_name, **loss_params)
+    with_classifier = bool(getattr(loss, "requires_classifier", False))
+    train_classes = np.unique(train_labels)
+    if with_classifier:
+        # The classifier's logits are indexed 0..C-1, whatever the dataset's labels are.
+        train_labels = np.searchsorted(train_classes, train_labels)
+
+    keras.utils.set_random_seed(settings.seed)
+    head = build_embedding_head(features.shape[1], settings.embedding_dim)
+    if with_classifier:
+        from models.classifier import CosineClassifier
+
+        inputs = keras.Input(shape=(features.shape[1],), name="features")
+        logits = CosineClassifier(len(train_classes), name="cosine_classifier")(head(inputs))
+        model = keras.Model(inputs, logits, name=f"{head.name}_with_classifier")
+        metrics = []
+    else:
+        model = head
+        metrics = [losses_lib.triplet_accuracy]
+    model.compile(optimizer=keras.optimizers.AdamW(learning_rate=settings.learning_rate,
+                                                   weight_decay=settings.weight_decay),
+                  loss=loss, metrics=metrics)
+
+    n_classes = min(settings.n_classes_per_batch, usable.size)
+    batch_size = n_classes * settings.n_samples_per_class
+    steps = settings.steps_per_epoch or math.ceil(len(train_rows) / batch_size)
+    dataset = balanced_batches(features[train_rows], train_labels, settings.n_classes_per_batch,
+                               settings.n_samples_per_class, settings.seed, skip_batches=resume_epoch * steps)
+
+    validator = RetrievalValidation(head, features[val_rows], labels[val_rows])
+    callbacks = _callbacks(out, settings, validator, previous, extra_callbacks)
+    log.info("phase 3: %s / %s: %d training items (%d classes), %d validation items (%s), "
+             "batches of %d classes x %d, %d steps/epoch", tag, loss_name, len(train_rows), train_classes.size,
+             len(val_rows), validation["protocol"], n_classes, settings.n_samples_per_class, steps)
+    started = time.perf_counter()
+    try:
+        fit = model.fit(dataset, epochs=settings.epochs, steps_per_epoch=steps, callbacks=callbacks, shuffle=False,
+                        verbose=1 if sys.stdout.isatty() else 2)
+    finally:
+        # An interrupted fit skips on_train_end, where CSVLogger closes its file;
+        # BackupAndRestore's state is left in place on purpose.
+        for callback in callbacks:
+            if isinstance(callback, keras.callbacks.CSVLogger) and callback.csv_file is not None:
+                callback.csv_file.close()
+    seconds = time.perf_counter() - started
+
+    history = _read_history(history_path)
+    fit_losses = np.asarray(fit.history.get("loss", []), dtype=float)
+    if not np.isfinite(fit_losses).all():
+        # TerminateOnNaN stopped the fit, which then ended normally, so BackupAndRestore
+        # has already dropped its backup: a rerun starts afresh.
+        (out / _RESUME_STAMP).unlink(missing_ok=True)
+        bad_epoch = resume_epoch + int(np.flatnonzero(~np.isfinite(fit_losses))[0]) + 1
+        raise TrainingDivergedError(
+            f"phase 3: {loss_name} on {tag} diverged: the loss became NaN/inf in epoch {bad_epoch}; no head was "
+            f"saved. Lower train.learning_rate or change train.loss_params.{loss_name} (history: {history_path})")
+
+    best_path = out / "checkpoints" / "best.weights.h5"
+    if best_path.is_file():
+        # The best checkpoint spans resumed fits; EarlyStopping's restore only knows this one.
+        model.load_weights(best_path)
+    _save_head(head, out / "head.keras", features[val_rows[:8]] if val_rows.size else features[:8])
+    _write_history(history_path, history)
+    _plot_curves(history, out / "curves.png", f"{tag} · {loss_name}", before=validator.initial)
+
+    scores = history[MONITOR].to_numpy(dtype=float)
+    best_index = int(np.nanargmax(scores)) if np.isfinite(scores).any() else len(history) - 1
+    epochs_this_fit = len(fit.history.get("loss", []))
+    train_seconds = max(seconds - validator.seconds, 1e-9)
+    summary = {
+        "backbone": tag, "loss": loss_name, "loss_params": loss_params,
+        "loss_config": _jsonable(loss.get_config()), "mode": settings.mode, "train": shared,
+        "requires_classifier": with_classifier, "n_classifier_classes": int(train_classes.size) if with_classifier
+        else None,
+        "epochs_requested": settings.epochs, "epochs_run": int(len(history)),
+        "stopped_early": bool(len(history) < settings.epochs),
+        "resumed_from_epoch": resume_epoch, "epochs_this_fit": epochs_this_fit,
+        "best_epoch": int(history["epoch"].iloc[best_index]) + 1,
+        "best_val": {name: float(history[f"val_{name}"].iloc[best_index]) for name in VAL_METRICS},
+        "initial_val": validator.initial,
+        "validation": validation,
+        "n_train": int(len(train_rows)), "n_train_classes": int(train_classes.size),
+        # Single-item classes can form no positive pair; the sampler leaves them out.
+        "n_single_item_classes_excluded": int(single.size),
+        "n_val": int(len(val_rows)), "feature_dim": int(features.shape[1]), "embedding_dim": settings.embedding_dim,
+        "batch": {"n_classes": int(n_classes), "n_samples_per_class": settings.n_samples_per_class,
+                  "size": int(batch_size)},
+        "steps_per_epoch": int(steps), "steps_this_fit": int(epochs_this_fit * steps),
+        "seconds": seconds, "validation_seconds": validator.seconds,
+        "steps_per_second": epochs_this_fit * steps / train_seconds,
+        "phase1": {"dir": phase1["dir"].as_posix(), "fingerprint": meta.get("fingerprint")},
+        "fingerprint": fingerprint,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic.write_json(summary_path, summary)
+    (out / _RESUME_STAMP).unlink(missing_ok=True)
+    log.info("phase 3: wrote %s (best epoch %d of %d: val P@1 %.4f, MAP@R %.4f; before training %.4f / %.4f)",
+             out, summary["best_epoch"], summary["epochs_run"], summary["best_val"]["P@1"],
+             summary["best_val"]["MAP@R"], validator.initial["P@1"], validator.initial["MAP@R"])
+    return out
+
+
+def _callbacks(out: Path, settings: TrainConfig, validator: RetrievalValidation, previous, extra) -> list:
+    checkpoints = out / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    prior_best = None
+    if len(previous) and np.isfinite(previous[MONITOR].to_numpy(dtype=float)).any():
+        prior_best = float(np.nanmax(previous[MONITOR].to_numpy(dtype=float)))
+    early_stopping = keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max",
+                                                   patience=settings.early_stopping_patience,
+                                                   restore_best_weights=True)
+    reduce_lr = keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", patience=settings.reduce_lr_patience)
+    callbacks = [
+        validator,  # first: the callbacks below read what it adds to the logs
+        keras.callbacks.TerminateOnNaN(),
+        early_stopping,
+        reduce_lr,
+        # initial_value_threshold: after a resume, only beat the best of the epochs before it.
+        keras.callbacks.ModelCheckpoint(str(checkpoints / "best.weights.h5"), monitor=MONITOR, mode="max",
+                                        save_best_only=True, save_weights_only=True,
+                                        initial_value_threshold=prior_best),
+        PeriodicCheckpoint(str(checkpoints / "epoch_{epoch:03d}.weights.h5"), settings.checkpoint_every,
+                           save_weights_only=True),
+        # Before BackupAndRestore: if a run dies between the two, the epoch is logged
+        # twice (and deduplicated) rather than not at all.
+        keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
+        keras.callbacks.BackupAndRestore(backup_dir=str(out / "backup")),
+    ]
+    if len(previous):
+        callbacks.append(_RestoreMonitorState(previous, early_stopping, reduce_lr))
+    if _tensorboard_available():
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), write_graph=False))
+    else:
+        log.info("phase 3: the tensorboard package is not installed; no TensorBoard logs (pip install tensorboard)")
+    return callbacks + list(extra)
+
+
+def _tensorboard_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def _prepare_output_dir(out: Path, fingerprint: str, force: bool) -> int:
+    """Clear a stale or forced run's state; return the number of epochs a backup holds (0 = fresh)."""
+    stamp = out / _RESUME_STAMP
+    backup = out / "backup"
+    fresh = force or not stamp.is_file() or atomic.read_json(stamp).get("fingerprint") != fingerprint \
+        or not backup.is_dir()
+    # The completion marker goes first: until training.json is rewritten, nothing in
+    # this folder claims to describe the current configuration.
+    (out / "training.json").unlink(missing_ok=True)
+    if fresh:
+        for name in ("backup", "checkpoints", "tensorboard"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("history.csv", "head.keras", "curves.png"):
+            (out / name).unlink(missing_ok=True)
+        atomic.write_json(stamp, {"fingerprint": fingerprint})
+        return 0
+    return _backup_epoch(backup)
+
+
+def _backup_epoch(backup: Path) -> int:
+    """Epochs completed according to BackupAndRestore's metadata (0 when unreadable)."""
+    try:
+        return int(atomic.read_json(backup / "training_metadata.json")["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _read_history(path: Path, before_epoch: int | None = None):
+    """history.csv as a DataFrame, one row per epoch (the last of duplicates), sorted."""
+    import pandas as pd
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return pd.DataFrame({"epoch": pd.Series(dtype=int), "loss": pd.Series(dtype=float),
+                             MONITOR: pd.Series(dtype=float), "val_P@1": pd.Series(dtype=float)})
+    history = pd.read_csv(path)
+    history = history.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
+    if before_epoch is not None:
+        history = history[history["epoch"] < before_epoch].reset_index(drop=True)
+    return history
+
+
+def _write_history(path: Path, history) -> None:
+    with atomic.atomic_open(path, "w", encoding="utf-8", newline="") as f:
+        history.to_csv(f, index=False)
+
+
+def _save_head(head, path: Path, probe: np.ndarray) -> None:
+    with atomic.atomic_path(path) as tmp:
+        head.save(tmp)
+        # Checked before the rename: a head.keras that does not reload is never published.
+        reloaded = keras.saving.load_model(tmp)
+        if not np.allclose(reloaded.predict(probe, verbose=0), head.predict(probe, verbose=0), atol=1e-5):
+            raise RuntimeError(f"{path}: the saved head does not reproduce the trained head's embeddings")
+
+
+def _plot_curves(history, path: Path, title: str, before: dict | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless servers and CI have no display
+    from matplotlib.figure import Figure
+
+    epochs = history["epoch"].to_numpy() + 1
+    fig = Figure(figsize=(10, 3.4), layout="constrained", facecolor="white")
+    panels = [("loss", "training loss")] + [(f"val_{name}", f"validation {name}") for name in VAL_METRICS]
+    for ax, (column, label) in zip(fig.subplots(1, len(panels)), panels):
+        if column in history:
+            values = history[column].to_numpy(dtype=float)
+            ax.plot(epochs, values, marker="o", markersize=3)
+            metric = column.removeprefix("val_")
+            if before and column != "loss" and math.isfinite(before.get(metric, float("nan"))):
+                ax.axhline(before[metric], color="#d73027", linestyle=":", linewidth=1, label="untrained head")
+            if column == MONITOR and np.isfinite(values).any():
+                best = int(np.nanargmax(values))
+                ax.axvline(epochs[best], color="#6b7280", linestyle="--", linewidth=1,
+                           label=f"best: epoch {epochs[best]}")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(loc="lower right", fontsize=8)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=11)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, facecolor="white")
+    return path
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))

@@ -1,0 +1,56 @@
+"""Phases 3-5 through the CLI on tiny generated images: train, re-evaluate, compare."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import run as cli
+from tests.conftest import make_class_folder
+
+
+@pytest.fixture(scope="module")
+def compared_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("cmp")
+    images = make_class_folder(tmp_path / "images", n_classes=4, per_class=15)
+    args = ["--run", "c", "--source", str(images),
+            "--set", f"runs_dir={tmp_path}/runs", "--set", f"reports_dir={tmp_path}/reports",
+            "--set", f"data.tfrecords_dir={tmp_path}/tfrecords", "--set", "data.name=tiny",
+            "--set", "extract.backbones.0.alpha=0.25", "--set", "extract.backbones.0.image_size=32",
+            "--set", "extract.backbones.0.weights=none", "--set", "evaluate.projections=pca",
+            "--set", "evaluate.grid_queries=2", "--loss", "triplet", "--loss", "arcface", "--epochs", "3",
+            "--set", "train.embedding_dim=16", "--set", "train.n_classes_per_batch=4",
+            "--set", "train.n_samples_per_class=4"]
+    assert cli.main(["all", *args]) == 0
+    return tmp_path
+
+
+def test_trained_models_are_evaluated_like_phase_2(compared_run):
+    runs = compared_run / "runs/c"
+    base = "mobilenet-a0.25-32-none"
+    for loss in ("triplet", "arcface"):
+        assert (runs / f"train/{base}/{loss}/head.keras").is_file()
+        emb = runs / f"embeddings/{base}+{loss}"
+        meta = json.loads((emb / "meta.json").read_text())
+        assert meta["trained"] and meta["loss"] == loss and meta["dim"] == 16
+        metrics = json.loads((runs / f"eval/{base}+{loss}/metrics.json").read_text())
+        assert set(metrics["retrieval"]) == {"unit/cosine", "unit/euclidean", "raw/euclidean"}
+
+
+def test_comparison_report_answers_the_questions(compared_run):
+    report = compared_run / "reports/c"
+    data = json.loads((report / "comparison.json").read_text())
+    questions = [a["question"] for a in data["answers"]]
+    assert len(questions) == 5 and "Which loss gave the most discriminative embeddings?" in questions
+    losses = {r["loss"] for r in data["rows"]}
+    assert losses == {"pretrained", "triplet", "arcface"}
+    assert len(data["rows"]) == 3 * 3  # 3 models x 3 distance variants
+    html = (report / "comparison.html").read_text()
+    assert "Did anisotropy go down?" in html and "http" not in html.replace("http-equiv", "")
+    assert (report / "comparison.csv").read_text().count("\n") == 10
+
+
+def test_phase4_without_training_fails_clearly(tmp_path, capsys):
+    code = cli.main(["phase4", "--run", "x", "--set", f"runs_dir={tmp_path}/runs", "--set", "data.name=none"])
+    assert code == 1
+    assert "run `python run.py phase3` first" in capsys.readouterr().err

@@ -89,9 +89,11 @@ def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConf
         "dtype": settings.dtype, "index": settings.index, "json": settings.write_json,
     })
     meta_path = out / "meta.json"
-    if not force and meta_path.is_file() and atomic.read_json(meta_path).get("fingerprint") == fingerprint:
-        log.info("phase 1: %s is up to date (use --force to redo)", out)
-        return out
+    if not force and meta_path.is_file():
+        meta = atomic.read_json(meta_path)
+        if meta.get("fingerprint") == fingerprint and not _fallback_now_avoidable(meta, backbone):
+            log.info("phase 1: %s is up to date (use --force to redo)", out)
+            return out
 
     parts_dir = out / "parts"
     stamp = parts_dir / "fingerprint.txt"
@@ -158,6 +160,19 @@ def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConf
     log.info("phase 1: wrote %s (%d items%s)", out, items,
              f", {predicted / predict_seconds:.1f} img/s" if predicted else "")
     return out
+
+
+def _fallback_now_avoidable(meta: dict, backbone: BackboneConfig) -> bool:
+    """A random-weights fallback is stale once the ImageNet weights have reached the Keras cache."""
+    if not str(meta.get("weights_loaded", "")).startswith("random ("):
+        return False
+    from models.backbones import get_spec, keras_cache_dirs
+
+    try:
+        fname = get_spec(backbone.name).imagenet_weights(backbone.alpha).fname
+    except Exception:
+        return False
+    return any((folder / fname).is_file() for folder in keras_cache_dirs())
 
 
 class _ProgressCallback:

@@ -163,3 +163,32 @@ def test_mixed_precision_extraction_matches_float32(finished_run):
     cosine = np.sum(half * full, axis=1)
     assert cosine.min() > 0.99, cosine.min()
     assert keras.mixed_precision.global_policy().name == "float32", "the policy is restored after phase 1"
+
+
+def test_random_fallback_is_redone_once_weights_arrive(tmp_path, monkeypatch):
+    """A demo that ran from random weights must not be 'up to date' after the weights reach the cache."""
+    import models.backbones as bb
+
+    images = make_class_folder(tmp_path / "images", n_classes=3, per_class=6)
+    cache = tmp_path / "keras_models"
+    cache.mkdir()
+    monkeypatch.setattr(bb, "keras_cache_dirs", lambda: [cache])
+    monkeypatch.setattr(bb.keras.utils, "get_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    args = _args(tmp_path, "--set", "extract.backbones.0.weights=imagenet",
+                 "--set", "extract.backbones.0.weights_fallback=random")
+    assert cli.main(["phase0", "--source", str(images), *args]) == 0
+    assert cli.main(["phase1", *args]) == 0
+    meta_path = tmp_path / "runs/t/embeddings/mobilenet-a0.25-32-imagenet/meta.json"
+    assert json.loads(meta_path.read_text())["weights_loaded"].startswith("random")
+    stamp = meta_path.stat().st_mtime_ns
+    assert cli.main(["phase1", *args]) == 0
+    assert meta_path.stat().st_mtime_ns == stamp, "still offline: nothing to redo"
+    import keras
+    keras.applications.MobileNet(alpha=0.25, include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(
+        tmp_path / "w.weights.h5")
+    (tmp_path / "w.weights.h5").rename(cache / "mobilenet_2_5_224_tf_no_top.h5")
+    loaded = []  # the file's contents do not matter here, only that the cached file is now used
+    monkeypatch.setattr(keras.Model, "load_weights", lambda self, p, *a, **k: loaded.append(p))
+    assert cli.main(["phase1", *args]) == 0
+    assert loaded and loaded[0].endswith("mobilenet_2_5_224_tf_no_top.h5")
+    assert json.loads(meta_path.read_text())["weights_loaded"] == "imagenet"

@@ -124,6 +124,8 @@ class TrainConfig:
     loss_params: dict = field(default_factory=dict)
     # Used when the dataset has no validation split: share of training classes held out.
     holdout_fraction: float = 0.1
+    # Also save the image-level model (backbone + head): .keras and a TF SavedModel.
+    export: bool = True
     seed: int = 0
 
 

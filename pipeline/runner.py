@@ -19,11 +19,12 @@ def _phase_errors() -> tuple[type[BaseException], ...]:
 
     from .config import ConfigError
     from .ingest import IngestError
+    from .export import ExportError
     from .train import TrainingDivergedError
 
     # NotImplementedError: a configured mode that does not exist yet (train.mode=finetune).
     return (IngestError, PhaseInputError, WeightsUnavailableError, FileNotFoundError, ConfigError,
-            TrainingDivergedError, NotImplementedError)
+            TrainingDivergedError, ExportError, NotImplementedError)
 
 
 

@@ -89,8 +89,15 @@ def run_train(config: RunConfig, force: bool = False, *, extra_callbacks: Sequen
         tag = backbone_tag(backbone)
         phase1 = load_phase1_features(run_dir.embeddings_dir(tag))
         for loss_name in settings.losses:
-            outputs.append(train_head(run_dir, tag, phase1, loss_name, settings, force=force,
-                                      extra_callbacks=extra_callbacks))
+            out = train_head(run_dir, tag, phase1, loss_name, settings, force=force, extra_callbacks=extra_callbacks)
+            outputs.append(out)
+            if settings.export and (force or not (out / "export.json").is_file()
+                                    or (out / "export.json").stat().st_mtime < (out / "training.json").stat().st_mtime):
+                from .export import export_embedding_model, probe_batch
+
+                images, features = probe_batch(run_dir, phase1["items"], phase1["features"],
+                                               phase1["meta"]["image_size"])
+                export_embedding_model(run_dir, backbone, loss_name, phase1["meta"], images, features)
     return outputs
 
 

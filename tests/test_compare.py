@@ -54,3 +54,43 @@ def test_phase4_without_training_fails_clearly(tmp_path, capsys):
     code = cli.main(["phase4", "--run", "x", "--set", f"runs_dir={tmp_path}/runs", "--set", "data.name=none"])
     assert code == 1
     assert "run `python run.py phase3` first" in capsys.readouterr().err
+
+
+def test_export_reproduces_phase4_embeddings_from_raw_images(tmp_path):
+    """The exported SavedModel (image in → unit embedding out) equals head(phase-1 features)."""
+    import keras
+    import numpy as np
+    import pandas as pd
+    import tensorflow as tf
+
+    from pipeline.data import image_dataset, list_shards, read_metadata
+
+    images = make_class_folder(tmp_path / "images", n_classes=4, per_class=14)
+    weights = tmp_path / "mobilenet.weights.h5"
+    keras.applications.MobileNet(alpha=0.25, include_top=False, weights=None,
+                                 input_shape=(64, 64, 3)).save_weights(weights)
+    args = ["--run", "e", "--set", f"runs_dir={tmp_path}/runs", "--set", f"reports_dir={tmp_path}/reports",
+            "--set", f"data.tfrecords_dir={tmp_path}/tfrecords", "--set", "data.name=tiny",
+            "--set", "extract.backbones.0.alpha=0.25", "--set", "extract.backbones.0.image_size=64",
+            "--set", f"extract.backbones.0.weights={weights}", "--set", "train.losses=triplet",
+            "--set", "train.epochs=2", "--set", "train.embedding_dim=8", "--set", "train.n_classes_per_batch=4",
+            "--set", "evaluate.projections=pca", "--set", "evaluate.grid_queries=0"]
+    assert cli.main(["phase0", "--source", str(images), *args]) == 0
+    for phase in ("phase1", "phase3", "phase4"):
+        assert cli.main([phase, *args]) == 0, phase
+    out = tmp_path / "runs/e/train/mobilenet-a0.25-64-custom/triplet"
+    export = json.loads((out / "export.json").read_text())
+    assert export["checked_images"] > 0 and export["max_abs_error"] < 1e-3
+
+    shards = list_shards(tmp_path / "tfrecords/tiny", "test")
+    pixels = next(iter(image_dataset(shards, 64, 64)))
+    ids = read_metadata(shards)["id"][: len(pixels)]
+    saved = tf.saved_model.load(str(out / "saved_model"))  # keep a reference: its variables live in it
+    served = saved.serve(tf.constant(pixels)).numpy()
+    emb_dir = tmp_path / "runs/e/embeddings/mobilenet-a0.25-64-custom+triplet"
+    items = pd.read_csv(emb_dir / "items.csv", keep_default_na=False)
+    row = {i: r for r, i in enumerate(items["id"])}
+    expected = np.load(emb_dir / "embeddings.npy")[[row[i] for i in ids]]
+    np.testing.assert_allclose(served, expected, atol=1e-4)
+    reloaded = keras.saving.load_model(out / "embedding_model.keras")
+    np.testing.assert_allclose(reloaded.predict(pixels.numpy(), verbose=0), expected, atol=1e-4)

@@ -1,0 +1,106 @@
+"""The deployable embedding model: raw RGB image in → unit embedding out.
+
+A head trained on cached features (phase 3, head mode) is glued back onto the
+backbone that produced those features, with the backbone's preprocessing inside, and
+saved twice in `runs/<run>/train/<backbone>/<loss>/`:
+    embedding_model.keras   the Keras model (custom layers are registered by `models`)
+    saved_model/            a TensorFlow SavedModel with a `serve` endpoint
+                            (float32 [batch, S, S, 3] pixels in 0..255 → float32 [batch, dim])
+    export.json             what goes in and comes out, and the check that was run
+The export is checked before it is published: on sample images it must reproduce the
+phase-4 embeddings (head applied to phase-1 features).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from . import atomic
+from .config import BackboneConfig
+from .run_dir import RunDir, backbone_tag
+
+log = logging.getLogger("embedlab.export")
+
+
+class ExportError(RuntimeError):
+    """The composed model does not reproduce the embeddings it was trained to give."""
+
+
+def build_embedding_model(backbone: BackboneConfig, head):
+    import keras
+
+    from models.backbones import build_feature_extractor
+
+    extractor = build_feature_extractor(backbone.name, weights=backbone.weights, image_size=backbone.image_size,
+                                        alpha=backbone.alpha, weights_fallback="error")
+    pooled = extractor.model.output["pooled"]
+    embedding = head(pooled)
+    return keras.Model(extractor.model.input, embedding, name="embedding_model"), extractor.image_size
+
+
+def export_embedding_model(run_dir: RunDir, backbone: BackboneConfig, loss: str, phase1_meta: dict,
+                           probe_images: np.ndarray | None = None, probe_features: np.ndarray | None = None) -> Path | None:
+    """Compose, check and save; None (with a warning) when the backbone cannot be rebuilt identically."""
+    import keras
+
+    tag = backbone_tag(backbone)
+    out = run_dir.train_dir(tag, loss)
+    if str(phase1_meta.get("weights_loaded", "")).startswith("random"):
+        log.warning("phase 3: no image-level export for %s/%s: phase 1 ran from a random initialisation, which "
+                    "cannot be rebuilt identically (use imagenet weights or a weights file)", tag, loss)
+        return None
+    head = keras.saving.load_model(out / "head.keras", compile=False)
+    model, image_size = build_embedding_model(backbone, head)
+
+    max_error = None
+    if probe_images is not None and probe_features is not None and len(probe_images):
+        expected = head.predict(probe_features, verbose=0)
+        got = model.predict(probe_images, verbose=0)
+        max_error = float(np.max(np.abs(expected - got)))
+        # Features extracted under mixed_float16 carry float16 rounding; the export runs in float32.
+        tolerance = 3e-2 if phase1_meta.get("mixed_precision") else 1e-3
+        if max_error > tolerance:
+            raise ExportError(f"{tag}/{loss}: the composed model differs from the trained head by {max_error:.2e}")
+
+    with atomic.atomic_path(out / "embedding_model.keras") as tmp:
+        model.save(tmp)
+    staging = out / ".saved_model.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.export(str(staging), format="tf_saved_model", verbose=False)
+    final = out / "saved_model"
+    if final.exists():
+        old = out / ".saved_model.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    atomic.write_json(out / "export.json", {
+        "input": f"float32 [batch, {image_size}, {image_size}, 3], RGB pixels in 0..255 (preprocessing inside)",
+        "output": f"float32 [batch, {int(head.outputs[0].shape[-1])}], L2-normalised",
+        "keras": "embedding_model.keras", "saved_model": "saved_model (endpoint: serve)",
+        "backbone": tag, "loss": loss, "image_size": image_size,
+        "checked_images": 0 if probe_images is None else int(len(probe_images)), "max_abs_error": max_error,
+    })
+    log.info("phase 3: exported %s (Keras + SavedModel)", out / "embedding_model.keras")
+    return out
+
+
+def probe_batch(run_dir: RunDir, items, features: np.ndarray, image_size: int, n: int = 4):
+    """A few images from the TFRecords with their phase-1 features, to check an export."""
+    from .data import image_dataset, list_shards
+
+    shards = list_shards(run_dir.dataset_dir, str(items["split"].iat[0]))[:1]
+    if not shards:
+        return None, None
+    images = next(iter(image_dataset(shards, image_size, n))).numpy()
+    from .data import read_metadata
+
+    row_of = {item_id: row for row, item_id in enumerate(items["id"])}
+    rows = [row_of[i] for i in read_metadata(shards)["id"][: len(images)]]
+    return images, features[rows]

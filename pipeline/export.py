@@ -30,6 +30,17 @@ class ExportError(RuntimeError):
     """The composed model does not reproduce the embeddings it was trained to give."""
 
 
+def not_exportable(phase1_meta: dict) -> str | None:
+    """Why the backbone of a phase-1 run cannot be rebuilt identically, or None when it can."""
+    weights = str(phase1_meta.get("weights_loaded", ""))
+    if not weights or not phase1_meta.get("image_size"):
+        return "phase 1's meta.json does not say which weights and image size it used"
+    if weights.startswith("random"):
+        return ("phase 1 ran from a random initialisation, which cannot be rebuilt identically "
+                "(use imagenet weights or a weights file)")
+    return None
+
+
 def build_embedding_model(backbone: BackboneConfig, head):
     import keras
 
@@ -49,9 +60,9 @@ def export_embedding_model(run_dir: RunDir, backbone: BackboneConfig, loss: str,
 
     tag = backbone_tag(backbone)
     out = run_dir.train_dir(tag, loss)
-    if str(phase1_meta.get("weights_loaded", "")).startswith("random"):
-        log.warning("phase 3: no image-level export for %s/%s: phase 1 ran from a random initialisation, which "
-                    "cannot be rebuilt identically (use imagenet weights or a weights file)", tag, loss)
+    reason = not_exportable(phase1_meta)
+    if reason:
+        log.warning("phase 3: no image-level export for %s/%s: %s", tag, loss, reason)
         return None
     head = keras.saving.load_model(out / "head.keras", compile=False)
     model, image_size = build_embedding_model(backbone, head)

@@ -93,8 +93,12 @@ def run_train(config: RunConfig, force: bool = False, *, extra_callbacks: Sequen
             outputs.append(out)
             if settings.export and (force or not (out / "export.json").is_file()
                                     or (out / "export.json").stat().st_mtime < (out / "training.json").stat().st_mtime):
-                from .export import export_embedding_model, probe_batch
+                from .export import export_embedding_model, not_exportable, probe_batch
 
+                reason = not_exportable(phase1["meta"])
+                if reason:
+                    log.warning("phase 3: no image-level export for %s/%s: %s", tag, loss_name, reason)
+                    continue
                 images, features = probe_batch(run_dir, phase1["items"], phase1["features"],
                                                phase1["meta"]["image_size"])
                 export_embedding_model(run_dir, backbone, loss_name, phase1["meta"], images, features)

@@ -30,7 +30,8 @@ fashion-mnist:
 demo: install fashion-mnist
 	$(if $(SHARED_KERAS),KERAS_HOME=$${KERAS_HOME:-$(abspath ../shared/keras)}) \
 	  $(PY) run.py all --config configs/demo.yaml
-	@echo "report: $(abspath reports/demo/index.html)"
+	@echo "reports: $(abspath reports/demo/index.html) (pretrained space)"
+	@echo "         $(abspath reports/demo/comparison.html) (pretrained vs trained heads)"
 
 test: install
 	$(PY) -m pytest -q

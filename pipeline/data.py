@@ -63,7 +63,7 @@ def count_records(shards: list[Path]) -> int:
     return sum(1 for _ in tf.data.TFRecordDataset([str(p) for p in shards])) if shards else 0
 
 
-def load_images(shards: list[Path], wanted_ids: set[str], size: int = 96) -> dict[str, "np.ndarray"]:
+def load_images(shards: list[Path], wanted_ids: set[str], size: int = 96) -> dict:
     """Decode just the images whose ids are wanted (thumbnails for neighbour grids).
 
     Records are parsed in large batches and only the matches are decoded: scanning a

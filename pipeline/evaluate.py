@@ -13,8 +13,6 @@ raw pooled features ranked by euclidean distance, where norms matter.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import time
@@ -27,7 +25,7 @@ import numpy as np
 from . import atomic
 from .config import EvaluateConfig, RunConfig
 from .extract import PhaseInputError, load_dataset_meta
-from .run_dir import RunDir, backbone_tag
+from .run_dir import RunDir, backbone_tag, fingerprint_of
 
 log = logging.getLogger("embedlab.evaluate")
 
@@ -90,9 +88,6 @@ def _report_section(tag: str, eval_dir: Path, metrics: dict, report_dir: Path) -
     return {"tag": tag, "metrics": metrics, "plots": plots, "grids": [g for g in grids if g["path"]]}
 
 
-def _fingerprint(obj: dict) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
 
 def load_embeddings(emb_dir: Path):
     import pandas as pd
@@ -115,7 +110,7 @@ def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force
     emb_dir = run_dir.embeddings_dir(tag)
     items, unit, raw, emb_meta = load_embeddings(emb_dir)
     out = run_dir.eval_dir(tag)
-    fingerprint = _fingerprint({"embeddings": emb_meta.get("fingerprint"), "created": emb_meta.get("created"),
+    fingerprint = fingerprint_of({"embeddings": emb_meta.get("fingerprint"), "created": emb_meta.get("created"),
                                 "settings": asdict(settings)})
     metrics_path = out / "metrics.json"
     if not force and metrics_path.is_file() and atomic.read_json(metrics_path).get("fingerprint") == fingerprint:

@@ -13,7 +13,6 @@ resumes at the first unfinished shard; parts are only assembled when all exist.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -26,7 +25,7 @@ import numpy as np
 
 from . import atomic
 from .config import BackboneConfig, ExtractConfig, RunConfig
-from .run_dir import RunDir, backbone_tag
+from .run_dir import RunDir, backbone_tag, fingerprint_of
 from .vectors import l2_normalize
 
 log = logging.getLogger("embedlab.extract")
@@ -53,9 +52,6 @@ def distribution_strategy():
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
 
-
-def _fingerprint(obj: dict) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run_extract(config: RunConfig, force: bool = False) -> list[Path]:
@@ -84,7 +80,7 @@ def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConf
 
     tag = backbone_tag(backbone)
     out = run_dir.embeddings_dir(tag)
-    fingerprint = _fingerprint({
+    fingerprint = fingerprint_of({
         "dataset": dataset_meta.get("fingerprint"), "backbone": asdict(backbone), "splits": settings.splits,
         "dtype": settings.dtype, "index": settings.index, "json": settings.write_json,
     })

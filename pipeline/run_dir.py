@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,12 @@ from pathlib import Path
 from .config import BackboneConfig, DataConfig, RunConfig
 
 BUILTIN_DATASETS = ("fashion_mnist", "cifar10")
+
+
+def fingerprint_of(obj) -> str:
+    """A short stable hash of JSON-able settings: an artifact is up to date when its stored
+    fingerprint equals the one of the settings and inputs that would produce it now."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def dataset_name(data: DataConfig) -> str:

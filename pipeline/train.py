@@ -25,7 +25,6 @@ future fine-tune mode under `mixed_float16` still gets float32 embeddings.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -43,7 +42,7 @@ import numpy as np
 from . import atomic
 from .config import ConfigError, RunConfig, TrainConfig
 from .extract import PhaseInputError
-from .run_dir import RunDir, backbone_tag
+from .run_dir import RunDir, backbone_tag, fingerprint_of
 
 log = logging.getLogger("embedlab.train")
 
@@ -55,9 +54,6 @@ _RESUME_STAMP = "resume.json"
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; nothing was saved as a result."""
 
-
-def _fingerprint(obj: dict) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- entry point
@@ -269,7 +265,7 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     # Other losses and their parameters do not change this model, so they are not part of its fingerprint.
     shared = {k: v for k, v in asdict(settings).items() if k not in ("losses", "loss_params")}
     meta = phase1["meta"]
-    fingerprint = _fingerprint({"features": meta.get("fingerprint"), "created": meta.get("created"),
+    fingerprint = fingerprint_of({"features": meta.get("fingerprint"), "created": meta.get("created"),
                                 "train": shared, "loss": loss_name, "loss_params": loss_params})
     summary_path = out / "training.json"
     if not force and summary_path.is_file() and atomic.read_json(summary_path).get("fingerprint") == fingerprint:

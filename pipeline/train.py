@@ -311,7 +311,7 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
         metrics = [losses_lib.triplet_accuracy]
     model.compile(optimizer=keras.optimizers.AdamW(learning_rate=settings.learning_rate,
                                                    weight_decay=settings.weight_decay),
-                  loss=loss, metrics=metrics)
+                  loss=loss, metrics=metrics, jit_compile=settings.jit_compile)
 
     n_classes = min(settings.n_classes_per_batch, usable.size)
     batch_size = n_classes * settings.n_samples_per_class

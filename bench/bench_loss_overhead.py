@@ -1,0 +1,87 @@
+"""Issue 3, evidence 2: training throughput of each metric-learning loss vs plain softmax cross-entropy.
+
+The same embedding head (Dense(512) → BN → L2) on the same class-balanced P×K batches of
+synthetic pooled features; the baseline adds a Dense softmax classifier trained with
+sparse categorical cross-entropy. Every model is built and warmed up first, then
+timed runs alternate across models (median of `--repeats`). Overhead = baseline steps/s
+÷ loss steps/s − 1 (goal < 10 %).
+
+    python bench/bench_loss_overhead.py [--dim 256 --classes 50 --steps 200 --repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dim", type=int, default=256, help="feature size (MobileNet 0.25: 256, ResNet50: 2048)")
+    parser.add_argument("--classes", type=int, default=50)
+    parser.add_argument("--per-class", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--p", type=int, default=16)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--jit", action="store_true", help="compile train steps with XLA")
+    parser.add_argument("--only", default="", help="comma-separated losses (default: all)")
+    args = parser.parse_args()
+
+    import keras
+    import numpy as np
+
+    from models.classifier import CosineClassifier
+    from models.heads import build_embedding_head
+    from models.losses import LOSSES, get_loss, triplet_accuracy
+    from pipeline.sampler import balanced_batches
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((args.classes, args.dim)).astype(np.float32)
+    labels = np.repeat(np.arange(args.classes), args.per_class)
+    features = np.abs(centres[labels] + 2.0 * rng.standard_normal((len(labels), args.dim)).astype(np.float32))
+    batches = balanced_batches(features, labels, args.p, args.k, seed=0)
+
+    models = {}
+    names = [n for n in args.only.split(",") if n] or list(LOSSES)
+    for name in ["softmax_ce", *names]:
+        keras.utils.set_random_seed(0)
+        head = build_embedding_head(args.dim, 512)
+        if name == "softmax_ce":
+            logits = keras.layers.Dense(args.classes)(head.output)
+            model = keras.Model(head.input, logits)
+            model.compile(keras.optimizers.AdamW(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                          jit_compile=args.jit)
+        elif LOSSES[name].requires_classifier:
+            model = keras.Model(head.input, CosineClassifier(args.classes)(head.output))
+            model.compile(keras.optimizers.AdamW(1e-3), get_loss(name), jit_compile=args.jit)
+        else:
+            model = head
+            model.compile(keras.optimizers.AdamW(1e-3), get_loss(name), metrics=[triplet_accuracy],
+                          jit_compile=args.jit)
+        model.fit(batches, steps_per_epoch=20, epochs=1, verbose=0)  # trace and warm up
+        models[name] = model
+
+    rates = {name: [] for name in models}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            started = time.perf_counter()
+            model.fit(batches, steps_per_epoch=args.steps, epochs=1, verbose=0)
+            rates[name].append(args.steps / (time.perf_counter() - started))
+    base = statistics.median(rates["softmax_ce"])
+    print(f"\nfeatures {args.dim}-d, batch {args.p}×{args.k}, {args.steps} steps × {args.repeats} alternating runs"
+          f"{', XLA' if args.jit else ''}")
+    print("| loss | steps/s (median) | overhead vs softmax CE | runs |\n|---|---:|---:|---|")
+    for name, values in rates.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.1f} | {base / median - 1:+.1%} | {', '.join(f'{v:.0f}' for v in values)} |")
+
+
+if __name__ == "__main__":
+    main()

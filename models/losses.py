@@ -161,6 +161,21 @@ class _BatchLoss(keras.losses.Loss):
 
 # --------------------------------------------------------------------------- losses
 
+class _TemperatureLoss(_BatchLoss):
+    """A loss on cosine similarities scaled by 1/temperature; subclasses set the default."""
+
+    default_temperature = 0.1
+
+    def __init__(self, temperature: float | None = None, **kwargs):
+        super().__init__(**kwargs)
+        temperature = self.default_temperature if temperature is None else temperature
+        _check_positive(temperature=temperature)
+        self.temperature = float(temperature)
+
+    def _params(self):
+        return {"temperature": self.temperature}
+
+
 @keras.saving.register_keras_serializable(package="embedlab")
 class TripletLoss(_BatchLoss):
     """Triplet margin loss relu(d(a,p) - d(a,n) + margin) with in-batch mining.
@@ -262,7 +277,7 @@ class ContrastiveLoss(_BatchLoss):
 
 
 @keras.saving.register_keras_serializable(package="embedlab")
-class ContrastiveSoftmaxLoss(_BatchLoss):
+class ContrastiveSoftmaxLoss(_TemperatureLoss):
     """Two-way softmax over one positive and one negative, on cosine similarity s.
 
     For every valid (anchor a, positive p, negative n) triplet of the batch:
@@ -272,13 +287,7 @@ class ContrastiveSoftmaxLoss(_BatchLoss):
 
     registry_name = "contrastive_softmax"
 
-    def __init__(self, temperature: float = 0.1, **kwargs):
-        super().__init__(**kwargs)
-        _check_positive(temperature=temperature)
-        self.temperature = float(temperature)
-
-    def _params(self):
-        return {"temperature": self.temperature}
+    default_temperature = 0.1
 
     def call(self, y_true, y_pred):
         positive, negative = _pair_masks(_labels(y_true))
@@ -378,7 +387,7 @@ def _log_softmax_without_self(sim, temperature):
 
 
 @keras.saving.register_keras_serializable(package="embedlab")
-class SupConLoss(_BatchLoss):
+class SupConLoss(_TemperatureLoss):
     """Supervised contrastive loss (Khosla et al. 2020), the L^sup_out form, cosine similarity.
 
     Per anchor a with positives P(a) (same label, ≠ a):
@@ -388,13 +397,7 @@ class SupConLoss(_BatchLoss):
 
     registry_name = "supcon"
 
-    def __init__(self, temperature: float = 0.07, **kwargs):
-        super().__init__(**kwargs)
-        _check_positive(temperature=temperature)
-        self.temperature = float(temperature)
-
-    def _params(self):
-        return {"temperature": self.temperature}
+    default_temperature = 0.07
 
     def call(self, y_true, y_pred):
         positive, _ = _pair_masks(_labels(y_true))
@@ -405,7 +408,7 @@ class SupConLoss(_BatchLoss):
 
 
 @keras.saving.register_keras_serializable(package="embedlab")
-class InfoNCELoss(_BatchLoss):
+class InfoNCELoss(_TemperatureLoss):
     """NT-Xent / InfoNCE over the positive pairs of a labelled batch, cosine similarity.
 
     For each anchor a and each of its positives p (same label, ≠ a):
@@ -416,13 +419,7 @@ class InfoNCELoss(_BatchLoss):
 
     registry_name = "infonce"
 
-    def __init__(self, temperature: float = 0.1, **kwargs):
-        super().__init__(**kwargs)
-        _check_positive(temperature=temperature)
-        self.temperature = float(temperature)
-
-    def _params(self):
-        return {"temperature": self.temperature}
+    default_temperature = 0.1
 
     def call(self, y_true, y_pred):
         positive, _ = _pair_masks(_labels(y_true))

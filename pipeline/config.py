@@ -107,7 +107,7 @@ class TrainConfig:
     # One or several losses from models.losses.LOSSES; each trains its own model.
     losses: list[str] = field(default_factory=lambda: ["triplet"])
     # "head": frozen backbone, train the head on cached phase-1 features.
-    # "finetune": train the backbone too, on images (not yet available).
+    # "finetune": train the trunk's last layers and the head end to end, on images.
     mode: str = "head"
     embedding_dim: int = 512
     epochs: int = 30
@@ -130,6 +130,13 @@ class TrainConfig:
     # Also save the image-level model (backbone + head): .keras and a TF SavedModel.
     export: bool = True
     seed: int = 0
+    # Finetune mode only. How many of the trunk's last layers train (BatchNormalization
+    # layers among them stay frozen); 0 trains the head alone, on images.
+    finetune_layers: int = 20
+    # One AdamW at this rate trains backbone and head alike (see pipeline/finetune.py).
+    finetune_learning_rate: float = 1e-4
+    # Random resized crop, horizontal flip and mild colour jitter of training images.
+    augment: bool = True
 
 
 @dataclass

@@ -79,18 +79,7 @@ def export_embedding_model(run_dir: RunDir, backbone: BackboneConfig, loss: str,
 
     with atomic.atomic_path(out / "embedding_model.keras") as tmp:
         model.save(tmp)
-    staging = out / ".saved_model.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.export(str(staging), format="tf_saved_model", verbose=False)
-    final = out / "saved_model"
-    if final.exists():
-        old = out / ".saved_model.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, final)
+    write_saved_model(model, out / "saved_model")
     atomic.write_json(out / "export.json", {
         "input": f"float32 [batch, {image_size}, {image_size}, 3], RGB pixels in 0..255 (preprocessing inside)",
         "output": f"float32 [batch, {int(head.outputs[0].shape[-1])}], L2-normalised",
@@ -100,6 +89,22 @@ def export_embedding_model(run_dir: RunDir, backbone: BackboneConfig, loss: str,
     })
     log.info("phase 3: exported %s (Keras + SavedModel)", out / "embedding_model.keras")
     return out
+
+
+def write_saved_model(model, final: Path) -> Path:
+    """`model.export` to a staging folder renamed into place: a half-written SavedModel is never published."""
+    staging = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.export(str(staging), format="tf_saved_model", verbose=False)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    return final
 
 
 def probe_batch(run_dir: RunDir, items, features: np.ndarray, image_size: int, n: int = 4):

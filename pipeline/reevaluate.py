@@ -5,6 +5,10 @@ embeddings are the head applied to the backbone's phase-1 pooled features. They 
 written as a new embedding directory `runs/<run>/embeddings/<tag>+<loss>/` with the
 same files as phase 1 — "raw" now meaning the head's output before L2 normalisation —
 so that phase 2's `evaluate_backbone` runs on them unchanged.
+
+A fine-tuned model (`mode: finetune`) changed the backbone, so phase-1 features no
+longer apply: its saved image-level model runs over every split's TFRecords again,
+in phase 1's row order ("raw" = the input of its final L2 normalisation).
 """
 from __future__ import annotations
 
@@ -28,16 +32,50 @@ def trained_tag(tag: str, loss: str) -> str:
 
 def head_embeddings(head, raw: np.ndarray, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """(pre-normalisation features, unit embeddings) of a trained head on pooled features."""
+    both = with_pre_normalisation(head)
+    pre, unit = both.predict(raw.astype(np.float32), batch_size=batch_size, verbose=0)
+    return np.asarray(pre, dtype=np.float32), np.asarray(unit, dtype=np.float32)
+
+
+def with_pre_normalisation(model):
+    """The model with two outputs: the input of its final L2Normalize layer, and its own output."""
     import keras
 
     from models.layers import L2Normalize
 
-    normalise = next((layer for layer in head.layers if isinstance(layer, L2Normalize)), None)
+    normalise = next((layer for layer in reversed(model.layers) if isinstance(layer, L2Normalize)), None)
     if normalise is None:
-        raise PhaseInputError(f"model {head.name!r} has no L2Normalize layer; not an embedding head")
-    both = keras.Model(head.inputs, [normalise.input, head.outputs[0]])
-    pre, unit = both.predict(raw.astype(np.float32), batch_size=batch_size, verbose=0)
-    return np.asarray(pre, dtype=np.float32), np.asarray(unit, dtype=np.float32)
+        raise PhaseInputError(f"model {model.name!r} has no L2Normalize layer; not an embedding model")
+    return keras.Model(model.inputs, [normalise.input, model.outputs[0]])
+
+
+def finetuned_embeddings(run_dir: RunDir, model, items, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(pre-normalisation features, unit embeddings) of an image-level model over phase 1's items, in their order."""
+    from .data import image_dataset, list_shards, read_metadata
+
+    both = with_pre_normalisation(model)
+    image_size = int(model.inputs[0].shape[1])
+    pres, units, ids = [], [], []
+    # Phase 1 wrote the splits in this order, each in shard and record order.
+    for split in dict.fromkeys(items["split"].tolist()):
+        shards = list_shards(run_dir.dataset_dir, split)
+        split_ids = read_metadata(shards)["id"]
+        ids.extend(split_ids)
+        if not split_ids:
+            continue
+        import tensorflow as tf
+
+        # A known length keeps predict from running the dataset dry and warning about it.
+        batches = image_dataset(shards, image_size, batch_size).apply(
+            tf.data.experimental.assert_cardinality(-(-len(split_ids) // batch_size)))
+        pre, unit = both.predict(batches, verbose=0)
+        pres.append(pre)
+        units.append(unit)
+    if ids != items["id"].tolist():
+        raise PhaseInputError(f"the TFRecords in {run_dir.dataset_dir} no longer match phase 1's items.csv "
+                              f"({len(ids)} records vs {len(items)} items, or in another order): run phase1 again")
+    return (np.concatenate(pres).astype(np.float32, copy=False),
+            np.concatenate(units).astype(np.float32, copy=False))
 
 
 def run_reevaluate(config: RunConfig, force: bool = False) -> list[str]:
@@ -47,16 +85,15 @@ def run_reevaluate(config: RunConfig, force: bool = False) -> list[str]:
     import models.classifier  # noqa: F401  (registers custom objects for load_model)
     import models.layers  # noqa: F401
 
-    if config.train.mode != "head":
-        raise PhaseInputError("phase 4 for fine-tuned backbones needs re-extraction from images: "
-                              "train.mode=finetune is not implemented yet")
+    finetuned = config.train.mode == "finetune"
+    model_file = "embedding_model.keras" if finetuned else "head.keras"
     run_dir = RunDir(config)
     tags = []
     for backbone in config.extract.backbones:
         tag = backbone_tag(backbone)
         for loss in config.train.losses:
             source = run_dir.train_dir(tag, loss)
-            if not (source / "training.json").is_file() or not (source / "head.keras").is_file():
+            if not (source / "training.json").is_file() or not (source / model_file).is_file():
                 raise PhaseInputError(f"no trained model in {source}: run `python run.py phase3` first")
             new_tag = trained_tag(tag, loss)
             training = atomic.read_json(source / "training.json")
@@ -65,14 +102,21 @@ def run_reevaluate(config: RunConfig, force: bool = False) -> list[str]:
             fingerprint = f"{training.get('fingerprint')}-{config.extract.dtype}-{config.extract.index}"
             if force or not meta_path.is_file() or atomic.read_json(meta_path).get("fingerprint") != fingerprint:
                 items, _, raw, base_meta = load_embeddings(run_dir.embeddings_dir(tag))
-                head = keras.saving.load_model(source / "head.keras", compile=False)
-                pre, unit = head_embeddings(head, raw)
+                if finetuned:
+                    if training.get("mode") != "finetune":
+                        raise PhaseInputError(f"{source} holds a head-mode model; run phase3 --mode finetune")
+                    model = keras.saving.load_model(source / model_file, compile=False)
+                    pre, unit = finetuned_embeddings(run_dir, model, items, config.extract.batch_size)
+                else:
+                    head = keras.saving.load_model(source / "head.keras", compile=False)
+                    pre, unit = head_embeddings(head, raw)
                 meta_path.unlink(missing_ok=True)
                 write_embedding_artifacts(out, items, pre, unit, config.extract)
                 atomic.write_json(meta_path, {
                     **{k: base_meta.get(k) for k in ("backbone", "weights_loaded", "image_size", "dataset",
                                                      "dataset_fingerprint", "throughput_img_s")},
                     "tag": new_tag, "base_tag": tag, "loss": loss, "trained": True,
+                    "mode": "finetune" if finetuned else "head",
                     "dim": int(unit.shape[1]), "n_items": int(len(unit)), "training": str(source),
                     "fingerprint": fingerprint, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 })

@@ -22,7 +22,7 @@ def _phase_errors() -> tuple[type[BaseException], ...]:
     from .export import ExportError
     from .train import TrainingDivergedError
 
-    # NotImplementedError: a configured mode that does not exist yet (train.mode=finetune).
+    # NotImplementedError: a configured feature that does not exist yet.
     return (IngestError, PhaseInputError, WeightsUnavailableError, FileNotFoundError, ConfigError,
             TrainingDivergedError, ExportError, NotImplementedError)
 

@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import keras
 import numpy as np
@@ -49,6 +49,8 @@ log = logging.getLogger("embedlab.train")
 MONITOR = "val_MAP@R"
 VAL_METRICS = ("P@1", "MAP@R")
 _RESUME_STAMP = "resume.json"
+# Settings head mode ignores; kept out of its fingerprint so that adding them left finished heads up to date.
+FINETUNE_ONLY = ("finetune_layers", "finetune_learning_rate", "augment")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -64,10 +66,6 @@ def run_train(config: RunConfig, force: bool = False, *, extra_callbacks: Sequen
     `extra_callbacks` are appended after the built-in Keras callbacks of every fit.
     """
     settings = config.train
-    if settings.mode != "head":
-        raise NotImplementedError(
-            f"train.mode={settings.mode!r} is not implemented yet; only 'head' (train an embedding head on the "
-            "cached phase-1 features) is available")
     from models.losses import LOSSES
 
     unknown = [name for name in settings.losses if name not in LOSSES]
@@ -79,8 +77,19 @@ def run_train(config: RunConfig, force: bool = False, *, extra_callbacks: Sequen
     if settings.epochs < 1 or settings.steps_per_epoch < 0 or settings.embedding_dim < 1:
         raise ConfigError("train.epochs and train.embedding_dim must be positive, train.steps_per_epoch >= 0")
 
+    if settings.finetune_layers < 0 or settings.finetune_learning_rate <= 0:
+        raise ConfigError("train.finetune_layers must be >= 0 and train.finetune_learning_rate positive")
+
     run_dir = RunDir(config)
     outputs = []
+    if settings.mode == "finetune":
+        from .finetune import train_finetune
+
+        for backbone in config.extract.backbones:
+            for loss_name in settings.losses:
+                outputs.append(train_finetune(run_dir, backbone, backbone_tag(backbone), loss_name, settings,
+                                              force=force, extra_callbacks=extra_callbacks))
+        return outputs
     for backbone in config.extract.backbones:
         tag = backbone_tag(backbone)
         phase1 = load_phase1_features(run_dir.embeddings_dir(tag))
@@ -167,12 +176,15 @@ class RetrievalValidation(keras.callbacks.Callback):
     in order, so EarlyStopping, checkpoints and loggers placed after it see the keys.
     """
 
-    def __init__(self, head, features: np.ndarray, labels: np.ndarray, batch_size: int = 1024):
+    def __init__(self, head, features: np.ndarray | None, labels: np.ndarray, batch_size: int = 1024,
+                 embed: Callable[[], np.ndarray] | None = None):
         super().__init__()
         self.head = head
-        self.features = np.asarray(features, dtype=np.float32)
+        self.features = None if features is None else np.asarray(features, dtype=np.float32)
         self.labels = np.asarray(labels)
         self.batch_size = batch_size
+        # Finetune mode has no cached features: `embed` runs the model over the validation images.
+        self.embed = embed or (lambda: self.head.predict(self.features, batch_size=self.batch_size, verbose=0))
         self.initial: dict | None = None   # scores of the head before any training step
         self.seconds = 0.0
 
@@ -181,7 +193,7 @@ class RetrievalValidation(keras.callbacks.Callback):
 
         started = time.perf_counter()
         try:
-            embeddings = self.head.predict(self.features, batch_size=self.batch_size, verbose=0)
+            embeddings = np.asarray(self.embed())
             if not np.isfinite(embeddings).all():
                 return {name: float("nan") for name in VAL_METRICS}
             # Same object as query and gallery: retrieve normalises it once, and
@@ -263,7 +275,7 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     out = run_dir.train_dir(tag, loss_name)
     loss_params = dict(settings.loss_params.get(loss_name, {}) or {})
     # Other losses and their parameters do not change this model, so they are not part of its fingerprint.
-    shared = {k: v for k, v in asdict(settings).items() if k not in ("losses", "loss_params")}
+    shared = {k: v for k, v in asdict(settings).items() if k not in ("losses", "loss_params", *FINETUNE_ONLY)}
     meta = phase1["meta"]
     fingerprint = fingerprint_of({"features": meta.get("fingerprint"), "created": meta.get("created"),
                                 "train": shared, "loss": loss_name, "loss_params": loss_params})

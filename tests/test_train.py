@@ -324,9 +324,12 @@ def test_arcface_trains_through_the_classifier_and_saves_the_head_alone(tmp_path
     assert np.isfinite(summary["best_val"]["MAP@R"])
 
 
-def test_missing_phase1_and_finetune_mode_are_clear_errors(tmp_path):
+def test_missing_phase1_and_missing_phase0_for_finetune_are_clear_errors(tmp_path):
     config = make_config(tmp_path / "runs")
     with pytest.raises(PhaseInputError, match="run phase1 first"):
         run_train(config)
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        run_train(make_config(tmp_path / "runs", mode="finetune"))
+    # Finetune mode trains on the images themselves: it needs phase 0, not phase 1.
+    finetune = make_config(tmp_path / "runs", mode="finetune")
+    finetune.data.tfrecords_dir = str(tmp_path / "tfrecords")
+    with pytest.raises(PhaseInputError, match="phase0"):
+        run_train(finetune)

@@ -1,0 +1,332 @@
+"""Phase 3, "finetune" mode: train the backbone's last layers and the embedding head end to end, on images.
+
+Per backbone and loss, in `runs/<run>/train/<tag>/<loss>/`, the same files as head
+mode (training.json with "mode": "finetune", history.csv, curves.png, checkpoints/,
+backup/) except that the model is image-level from the start:
+    embedding_model.keras   RGB pixels 0..255 -> unit embedding (preprocessing inside)
+    saved_model/            the same as a TensorFlow SavedModel (endpoint `serve`)
+
+Learning rates: one AdamW at `train.finetune_learning_rate` updates backbone and
+head alike. Two rates would need two optimizers and a custom train step, whose
+second optimizer BackupAndRestore and ReduceLROnPlateau do not know about; the head
+is a single Dense layer, which the lower rate slows down but does not stop.
+
+Data: the train (and validation) records' encoded bytes are held in memory (they are
+far smaller than decoded pixels) and decoded per batch, so augmentation differs
+each time an image is drawn. Augmentation is seeded per drawn item, so a resumed
+run sees the same crops it would have seen uninterrupted.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import keras
+import numpy as np
+
+from . import atomic
+from .config import BackboneConfig, TrainConfig
+from .extract import PhaseInputError, load_dataset_meta
+from .run_dir import RunDir, fingerprint_of
+from .train import (_RESUME_STAMP, MONITOR, VAL_METRICS, RetrievalValidation, TrainingDivergedError,
+                    _callbacks, _jsonable, _plot_curves, _prepare_output_dir, _read_history, _write_history,
+                    split_train_val)
+
+log = logging.getLogger("embedlab.finetune")
+
+# The splits training can use: "train" to learn from, "val" to validate on (when usable).
+_SPLITS = ("train", "val")
+
+
+# --------------------------------------------------------------------------- data
+
+def read_records(dataset_dir: Path, splits: Sequence[str] = _SPLITS):
+    """(items DataFrame with split/id/label, encoded image bytes as an object array), in record order."""
+    import pandas as pd
+    import tensorflow as tf
+
+    from . import schema
+    from .data import list_shards
+
+    columns: dict[str, list] = {"split": [], "id": [], "label": []}
+    encoded: list[bytes] = []
+    for split in splits:
+        shards = list_shards(dataset_dir, split)
+        if not shards:
+            continue
+        ds = tf.data.TFRecordDataset([str(p) for p in shards]).batch(1024).map(schema.parse)
+        for batch in ds.as_numpy_iterator():
+            encoded.extend(batch["image"].tolist())
+            columns["id"].extend(v.decode("utf-8") for v in batch["id"])
+            columns["label"].extend(int(v) for v in batch["label"])
+            columns["split"].extend([split] * len(batch["id"]))
+    if not encoded:
+        raise PhaseInputError(f"no TFRecords for splits {list(splits)} in {dataset_dir}: run phase0 first")
+    return pd.DataFrame(columns), np.array(encoded, dtype=object)
+
+
+def augment_image(image, image_size: int, seed):
+    """Random resized crop, horizontal flip, mild brightness/contrast/saturation jitter; float32 0..255 out.
+
+    Stateless ops with an explicit per-item seed: the same item index always gets the same augmentation.
+    """
+    import tensorflow as tf
+
+    seeds = tf.random.experimental.stateless_split(seed, num=5)
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seeds[0],
+        min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.5, 1.0), max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    image = tf.slice(image, begin, size)
+    image = tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size), method="bilinear", antialias=True)
+    image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+    # Colour ops expect 0..1; the jitter is mild because colour is often what tells classes apart.
+    image = image / 255.0
+    image = tf.image.stateless_random_brightness(image, 0.1, seeds[2])
+    image = tf.image.stateless_random_contrast(image, 0.9, 1.1, seeds[3])
+    image = tf.image.stateless_random_saturation(image, 0.9, 1.1, seeds[4])
+    return tf.clip_by_value(image, 0.0, 1.0) * 255.0
+
+
+def image_batches(encoded: np.ndarray, labels: np.ndarray, image_size: int, n_classes_per_batch: int,
+                  n_samples_per_class: int, seed: int, augment: bool, skip_batches: int = 0):
+    """An endless dataset of (images float32 (P*K, S, S, 3) in 0..255, labels int32 (P*K,)), class-balanced."""
+    import itertools
+
+    import tensorflow as tf
+
+    from .data import decode_and_resize
+    from .sampler import balanced_batch_indices
+
+    labels = np.asarray(labels)
+    probe = balanced_batch_indices(labels, n_classes_per_batch, n_samples_per_class, seed)
+    batch_size = int(next(probe).size)
+    # The bytes are small enough to live in the pipeline as one string tensor (the
+    # graph's 2 GB constant limit bounds this at roughly a million small JPEGs).
+    bytes_table = tf.constant(encoded.astype(object).tolist(), dtype=tf.string)
+    labels32 = tf.constant(labels.astype(np.int32))
+
+    def rows():
+        batches = balanced_batch_indices(labels, n_classes_per_batch, n_samples_per_class, seed)
+        for batch in itertools.islice(batches, skip_batches, None):
+            yield batch
+
+    def load(position, row):
+        image_bytes = tf.gather(bytes_table, row)
+        if augment:
+            image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+            image.set_shape([None, None, 3])
+            image = augment_image(image, image_size, tf.stack([tf.cast(seed, tf.int64), position]))
+        else:
+            image = decode_and_resize(image_bytes, image_size)
+        return image, tf.gather(labels32, row)
+
+    index_batches = tf.data.Dataset.from_generator(rows, output_signature=tf.TensorSpec((batch_size,), tf.int64))
+    # Positions count drawn items from the run's start, so a resumed stream keeps its augmentation seeds.
+    positions = tf.data.Dataset.counter(start=skip_batches * batch_size, dtype=tf.int64)
+    ds = tf.data.Dataset.zip(positions, index_batches.unbatch())
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # Batching the unbatched stream back into the same sizes keeps each batch's P x K grouping.
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def plain_images(encoded: np.ndarray, image_size: int, batch_size: int = 64):
+    """Decoded, resized, unaugmented images in the given order (validation)."""
+    import tensorflow as tf
+
+    from .data import decode_and_resize
+
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(encoded.astype(object).tolist(), dtype=tf.string))
+    ds = ds.map(lambda b: decode_and_resize(b, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+# --------------------------------------------------------------------------- model
+
+def build_finetune_model(backbone: BackboneConfig, embedding_dim: int, finetune_layers: int):
+    """(image-level embedding model, the trunk, image size) with only the trunk's last layers trainable.
+
+    The head's layers are applied at the model's top level (not as a nested model) so
+    that phase 4 can reach the input of the final L2Normalize, the pre-normalisation feature.
+    """
+    from models.backbones import build_feature_extractor
+    from models.heads import build_embedding_head
+
+    extractor = build_feature_extractor(backbone.name, weights=backbone.weights, image_size=backbone.image_size,
+                                        alpha=backbone.alpha, weights_fallback=backbone.weights_fallback)
+    trunk = next(layer for layer in extractor.model.layers if isinstance(layer, keras.Model))
+    trainable = set(id(layer) for layer in trunk.layers[len(trunk.layers) - finetune_layers:]) \
+        if finetune_layers else set()
+    for layer in trunk.layers:
+        # BatchNormalization stays frozen: P x K batches of a few classes have statistics
+        # unlike the data's, and small batches give noisy ones; updating the moving
+        # averages from them would shift every frozen layer after it. The trunk is called
+        # with training=False, so BN also normalises with its stored statistics in training.
+        layer.trainable = id(layer) in trainable and not isinstance(layer, keras.layers.BatchNormalization)
+
+    head = build_embedding_head(extractor.dim, embedding_dim)
+    x = extractor.model.output["pooled"]
+    for layer in head.layers[1:]:
+        x = layer(x)
+    model = keras.Model(extractor.model.input, x, name="embedding_model")
+    return model, trunk, extractor
+
+
+# --------------------------------------------------------------------------- training
+
+def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss_name: str, settings: TrainConfig,
+                   force: bool = False, extra_callbacks: Sequence = ()) -> Path:
+    from models import losses as losses_lib
+
+    from .sampler import split_usable_classes
+
+    out = run_dir.train_dir(tag, loss_name)
+    loss_params = dict(settings.loss_params.get(loss_name, {}) or {})
+    shared = {k: v for k, v in asdict(settings).items() if k not in ("losses", "loss_params")}
+    dataset_meta = load_dataset_meta(run_dir)
+    fingerprint = fingerprint_of({"dataset": dataset_meta.get("fingerprint"), "backbone": asdict(backbone_cfg),
+                                  "train": shared, "loss": loss_name, "loss_params": loss_params})
+    summary_path = out / "training.json"
+    if not force and summary_path.is_file() and atomic.read_json(summary_path).get("fingerprint") == fingerprint:
+        log.info("phase 3: %s is up to date (use --force to redo)", out)
+        return out
+
+    resume_epoch = _prepare_output_dir(out, fingerprint, force)
+    history_path = out / "history.csv"
+    previous = _read_history(history_path, before_epoch=resume_epoch)
+    if resume_epoch:
+        log.info("phase 3: resuming %s after epoch %d", out, resume_epoch)
+        _write_history(history_path, previous)
+
+    items, encoded = read_records(run_dir.dataset_dir)
+    train_rows, val_rows, validation = split_train_val(items, settings)
+    labels = items["label"].to_numpy()
+    train_labels = labels[train_rows]
+    usable, single = split_usable_classes(train_labels)
+    if usable.size < 2:
+        raise PhaseInputError(f"{tag}: training needs at least 2 classes with 2 or more training items; "
+                              f"found {usable.size}")
+
+    loss = losses_lib.get_loss(loss_name, **loss_params)
+    with_classifier = bool(getattr(loss, "requires_classifier", False))
+    train_classes = np.unique(train_labels)
+    if with_classifier:
+        train_labels = np.searchsorted(train_classes, train_labels)
+
+    keras.utils.set_random_seed(settings.seed)
+    embedding_model, trunk, extractor = build_finetune_model(backbone_cfg, settings.embedding_dim,
+                                                             settings.finetune_layers)
+    if with_classifier:
+        from models.classifier import CosineClassifier
+
+        logits = CosineClassifier(len(train_classes), name="cosine_classifier")(embedding_model.output)
+        model = keras.Model(embedding_model.input, logits, name="embedding_model_with_classifier")
+        metrics = []
+    else:
+        model = embedding_model
+        metrics = [losses_lib.triplet_accuracy]
+    model.compile(optimizer=keras.optimizers.AdamW(learning_rate=settings.finetune_learning_rate,
+                                                   weight_decay=settings.weight_decay),
+                  loss=loss, metrics=metrics, jit_compile=settings.jit_compile)
+
+    n_classes = min(settings.n_classes_per_batch, usable.size)
+    batch_size = n_classes * settings.n_samples_per_class
+    steps = settings.steps_per_epoch or math.ceil(len(train_rows) / batch_size)
+    dataset = image_batches(encoded[train_rows], train_labels, extractor.image_size, settings.n_classes_per_batch,
+                            settings.n_samples_per_class, settings.seed, settings.augment,
+                            skip_batches=resume_epoch * steps)
+    val_images = plain_images(encoded[val_rows], extractor.image_size)
+    validator = RetrievalValidation(embedding_model, None, labels[val_rows],
+                                    embed=lambda: embedding_model.predict(val_images, verbose=0))
+    callbacks = _callbacks(out, settings, validator, previous, extra_callbacks)
+    n_trainable = sum(int(np.prod(w.shape)) for w in trunk.trainable_weights)
+    log.info("phase 3 (finetune): %s / %s: %d training images (%d classes), %d validation images (%s), batches of "
+             "%d classes x %d, %d steps/epoch, last %d trunk layers trainable (%d backbone parameters)", tag,
+             loss_name, len(train_rows), train_classes.size, len(val_rows), validation["protocol"], n_classes,
+             settings.n_samples_per_class, steps, settings.finetune_layers, n_trainable)
+    started = time.perf_counter()
+    try:
+        fit = model.fit(dataset, epochs=settings.epochs, steps_per_epoch=steps, callbacks=callbacks, shuffle=False,
+                        verbose=1 if sys.stdout.isatty() else 2)
+    finally:
+        for callback in callbacks:
+            if isinstance(callback, keras.callbacks.CSVLogger) and callback.csv_file is not None:
+                callback.csv_file.close()
+    seconds = time.perf_counter() - started
+
+    history = _read_history(history_path)
+    fit_losses = np.asarray(fit.history.get("loss", []), dtype=float)
+    if not np.isfinite(fit_losses).all():
+        (out / _RESUME_STAMP).unlink(missing_ok=True)
+        bad_epoch = resume_epoch + int(np.flatnonzero(~np.isfinite(fit_losses))[0]) + 1
+        raise TrainingDivergedError(
+            f"phase 3: {loss_name} fine-tuning {tag} diverged: the loss became NaN/inf in epoch {bad_epoch}; no "
+            f"model was saved. Lower train.finetune_learning_rate or change train.loss_params.{loss_name} "
+            f"(history: {history_path})")
+
+    best_path = out / "checkpoints" / "best.weights.h5"
+    if best_path.is_file():
+        model.load_weights(best_path)
+    probe = next(iter(val_images if len(val_rows) else plain_images(encoded[train_rows[:8]], extractor.image_size)))
+    _save_model(embedding_model, out, probe.numpy()[:8])
+    _write_history(history_path, history)
+    _plot_curves(history, out / "curves.png", f"{tag} · {loss_name} · finetune", before=validator.initial)
+
+    scores = history[MONITOR].to_numpy(dtype=float)
+    best_index = int(np.nanargmax(scores)) if np.isfinite(scores).any() else len(history) - 1
+    epochs_this_fit = len(fit.history.get("loss", []))
+    train_seconds = max(seconds - validator.seconds, 1e-9)
+    summary = {
+        "backbone": tag, "backbone_config": asdict(backbone_cfg), "weights_loaded": extractor.weights_loaded,
+        "image_size": extractor.image_size, "loss": loss_name, "loss_params": loss_params,
+        "loss_config": _jsonable(loss.get_config()), "mode": "finetune", "train": shared,
+        "optimizer": {"name": "AdamW", "learning_rate": settings.finetune_learning_rate,
+                      "note": "one rate for backbone and head"},
+        "finetune_layers": settings.finetune_layers, "trainable_backbone_parameters": n_trainable,
+        "augment": settings.augment,
+        "requires_classifier": with_classifier, "n_classifier_classes": int(train_classes.size) if with_classifier
+        else None,
+        "epochs_requested": settings.epochs, "epochs_run": int(len(history)),
+        "stopped_early": bool(len(history) < settings.epochs),
+        "resumed_from_epoch": resume_epoch, "epochs_this_fit": epochs_this_fit,
+        "best_epoch": int(history["epoch"].iloc[best_index]) + 1,
+        "best_val": {name: float(history[f"val_{name}"].iloc[best_index]) for name in VAL_METRICS},
+        "initial_val": validator.initial,
+        "validation": validation,
+        "n_train": int(len(train_rows)), "n_train_classes": int(train_classes.size),
+        "n_single_item_classes_excluded": int(single.size),
+        "n_val": int(len(val_rows)), "feature_dim": extractor.dim, "embedding_dim": settings.embedding_dim,
+        "batch": {"n_classes": int(n_classes), "n_samples_per_class": settings.n_samples_per_class,
+                  "size": int(batch_size)},
+        "steps_per_epoch": int(steps), "steps_this_fit": int(epochs_this_fit * steps),
+        "seconds": seconds, "validation_seconds": validator.seconds,
+        "steps_per_second": epochs_this_fit * steps / train_seconds,
+        "dataset": {"dir": run_dir.dataset_dir.as_posix(), "fingerprint": dataset_meta.get("fingerprint")},
+        "fingerprint": fingerprint,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic.write_json(summary_path, summary)
+    (out / _RESUME_STAMP).unlink(missing_ok=True)
+    log.info("phase 3: wrote %s (best epoch %d of %d: val P@1 %.4f, MAP@R %.4f; before training %.4f / %.4f)",
+             out, summary["best_epoch"], summary["epochs_run"], summary["best_val"]["P@1"],
+             summary["best_val"]["MAP@R"], validator.initial["P@1"], validator.initial["MAP@R"])
+    return out
+
+
+def _save_model(model, out: Path, probe: np.ndarray) -> None:
+    from .export import write_saved_model
+
+    with atomic.atomic_path(out / "embedding_model.keras") as tmp:
+        model.save(tmp)
+        # Checked before the rename: a model that does not reload is never published.
+        reloaded = keras.saving.load_model(tmp, compile=False)
+        if not np.allclose(reloaded.predict(probe, verbose=0), model.predict(probe, verbose=0), atol=1e-5):
+            raise RuntimeError(f"{out}: the saved embedding model does not reproduce the trained one")
+    write_saved_model(model, out / "saved_model")
+

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
-import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,9 +32,8 @@ from . import atomic
 from .config import BackboneConfig, TrainConfig
 from .extract import PhaseInputError, load_dataset_meta
 from .run_dir import RunDir, fingerprint_of
-from .train import (_RESUME_STAMP, MONITOR, VAL_METRICS, RetrievalValidation, TrainingDivergedError,
-                    _callbacks, _jsonable, _plot_curves, _prepare_output_dir, _read_history, _write_history,
-                    split_train_val)
+from .train import (_RESUME_STAMP, RetrievalValidation, _callbacks, _jsonable, _plot_curves,
+                    _prepare_output_dir, _read_history, _write_history, fit_checked, fit_summary, split_train_val)
 
 log = logging.getLogger("embedlab.finetune")
 
@@ -250,38 +247,15 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
              "%d classes x %d, %d steps/epoch, last %d trunk layers trainable (%d backbone parameters)", tag,
              loss_name, len(train_rows), train_classes.size, len(val_rows), validation["protocol"], n_classes,
              settings.n_samples_per_class, steps, settings.finetune_layers, n_trainable)
-    started = time.perf_counter()
-    try:
-        fit = model.fit(dataset, epochs=settings.epochs, steps_per_epoch=steps, callbacks=callbacks, shuffle=False,
-                        verbose=1 if sys.stdout.isatty() else 2)
-    finally:
-        for callback in callbacks:
-            if isinstance(callback, keras.callbacks.CSVLogger) and callback.csv_file is not None:
-                callback.csv_file.close()
-    seconds = time.perf_counter() - started
-
-    history = _read_history(history_path)
-    fit_losses = np.asarray(fit.history.get("loss", []), dtype=float)
-    if not np.isfinite(fit_losses).all():
-        (out / _RESUME_STAMP).unlink(missing_ok=True)
-        bad_epoch = resume_epoch + int(np.flatnonzero(~np.isfinite(fit_losses))[0]) + 1
-        raise TrainingDivergedError(
-            f"phase 3: {loss_name} fine-tuning {tag} diverged: the loss became NaN/inf in epoch {bad_epoch}; no "
-            f"model was saved. Lower train.finetune_learning_rate or change train.loss_params.{loss_name} "
-            f"(history: {history_path})")
-
-    best_path = out / "checkpoints" / "best.weights.h5"
-    if best_path.is_file():
-        model.load_weights(best_path)
+    fit, history, seconds = fit_checked(
+        model, dataset, steps, settings.epochs, callbacks, out, resume_epoch, f"{loss_name} fine-tuning {tag}",
+        f"Lower train.finetune_learning_rate or change train.loss_params.{loss_name}")
     probe = next(iter(val_images if len(val_rows) else plain_images(encoded[train_rows[:8]], extractor.image_size)))
     _save_model(embedding_model, out, probe.numpy()[:8])
     _write_history(history_path, history)
     _plot_curves(history, out / "curves.png", f"{tag} · {loss_name} · finetune", before=validator.initial)
 
-    scores = history[MONITOR].to_numpy(dtype=float)
-    best_index = int(np.nanargmax(scores)) if np.isfinite(scores).any() else len(history) - 1
-    epochs_this_fit = len(fit.history.get("loss", []))
-    train_seconds = max(seconds - validator.seconds, 1e-9)
+    progress = fit_summary(history, fit, steps, seconds, validator, settings.epochs, resume_epoch)
     summary = {
         "backbone": tag, "backbone_config": asdict(backbone_cfg), "weights_loaded": extractor.weights_loaded,
         "image_size": extractor.image_size, "loss": loss_name, "loss_params": loss_params,
@@ -292,21 +266,13 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
         "augment": settings.augment,
         "requires_classifier": with_classifier, "n_classifier_classes": int(train_classes.size) if with_classifier
         else None,
-        "epochs_requested": settings.epochs, "epochs_run": int(len(history)),
-        "stopped_early": bool(len(history) < settings.epochs),
-        "resumed_from_epoch": resume_epoch, "epochs_this_fit": epochs_this_fit,
-        "best_epoch": int(history["epoch"].iloc[best_index]) + 1,
-        "best_val": {name: float(history[f"val_{name}"].iloc[best_index]) for name in VAL_METRICS},
-        "initial_val": validator.initial,
+        **progress,
         "validation": validation,
         "n_train": int(len(train_rows)), "n_train_classes": int(train_classes.size),
         "n_single_item_classes_excluded": int(single.size),
         "n_val": int(len(val_rows)), "feature_dim": extractor.dim, "embedding_dim": settings.embedding_dim,
         "batch": {"n_classes": int(n_classes), "n_samples_per_class": settings.n_samples_per_class,
                   "size": int(batch_size)},
-        "steps_per_epoch": int(steps), "steps_this_fit": int(epochs_this_fit * steps),
-        "seconds": seconds, "validation_seconds": validator.seconds,
-        "steps_per_second": epochs_this_fit * steps / train_seconds,
         "dataset": {"dir": run_dir.dataset_dir.as_posix(), "fingerprint": dataset_meta.get("fingerprint")},
         "fingerprint": fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -336,9 +336,48 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     log.info("phase 3: %s / %s: %d training items (%d classes), %d validation items (%s), "
              "batches of %d classes x %d, %d steps/epoch", tag, loss_name, len(train_rows), train_classes.size,
              len(val_rows), validation["protocol"], n_classes, settings.n_samples_per_class, steps)
+    fit, history, seconds = fit_checked(
+        model, dataset, steps, settings.epochs, callbacks, out, resume_epoch,
+        f"{loss_name} on {tag}", f"Lower train.learning_rate or change train.loss_params.{loss_name}")
+    _save_head(head, out / "head.keras", features[val_rows[:8]] if val_rows.size else features[:8])
+    _write_history(history_path, history)
+    _plot_curves(history, out / "curves.png", f"{tag} · {loss_name}", before=validator.initial)
+
+    progress = fit_summary(history, fit, steps, seconds, validator, settings.epochs, resume_epoch)
+    summary = {
+        "backbone": tag, "loss": loss_name, "loss_params": loss_params,
+        "loss_config": _jsonable(loss.get_config()), "mode": settings.mode, "train": shared,
+        "requires_classifier": with_classifier, "n_classifier_classes": int(train_classes.size) if with_classifier
+        else None,
+        **progress,
+        "validation": validation,
+        "n_train": int(len(train_rows)), "n_train_classes": int(train_classes.size),
+        # Single-item classes can form no positive pair; the sampler leaves them out.
+        "n_single_item_classes_excluded": int(single.size),
+        "n_val": int(len(val_rows)), "feature_dim": int(features.shape[1]), "embedding_dim": settings.embedding_dim,
+        "batch": {"n_classes": int(n_classes), "n_samples_per_class": settings.n_samples_per_class,
+                  "size": int(batch_size)},
+        "phase1": {"dir": phase1["dir"].as_posix(), "fingerprint": meta.get("fingerprint")},
+        "fingerprint": fingerprint,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic.write_json(summary_path, summary)
+    (out / _RESUME_STAMP).unlink(missing_ok=True)
+    log.info("phase 3: wrote %s (best epoch %d of %d: val P@1 %.4f, MAP@R %.4f; before training %.4f / %.4f)",
+             out, summary["best_epoch"], summary["epochs_run"], summary["best_val"]["P@1"],
+             summary["best_val"]["MAP@R"], validator.initial["P@1"], validator.initial["MAP@R"])
+    return out
+
+
+def fit_checked(model, dataset, steps: int, epochs: int, callbacks: list, out: Path, resume_epoch: int,
+                what: str, advice: str):
+    """model.fit with the guarantees both training modes need: the CSV log closed even when
+    interrupted, a diverged run turned into an error (nothing saved), and the best
+    checkpoint of all (possibly resumed) fits loaded. Returns (fit, history, seconds)."""
+    history_path = out / "history.csv"
     started = time.perf_counter()
     try:
-        fit = model.fit(dataset, epochs=settings.epochs, steps_per_epoch=steps, callbacks=callbacks, shuffle=False,
+        fit = model.fit(dataset, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks, shuffle=False,
                         verbose=1 if sys.stdout.isatty() else 2)
     finally:
         # An interrupted fit skips on_train_end, where CSVLogger closes its file;
@@ -356,52 +395,32 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
         (out / _RESUME_STAMP).unlink(missing_ok=True)
         bad_epoch = resume_epoch + int(np.flatnonzero(~np.isfinite(fit_losses))[0]) + 1
         raise TrainingDivergedError(
-            f"phase 3: {loss_name} on {tag} diverged: the loss became NaN/inf in epoch {bad_epoch}; no head was "
-            f"saved. Lower train.learning_rate or change train.loss_params.{loss_name} (history: {history_path})")
+            f"phase 3: {what} diverged: the loss became NaN/inf in epoch {bad_epoch}; no model was saved. "
+            f"{advice} (history: {history_path})")
 
     best_path = out / "checkpoints" / "best.weights.h5"
     if best_path.is_file():
         # The best checkpoint spans resumed fits; EarlyStopping's restore only knows this one.
         model.load_weights(best_path)
-    _save_head(head, out / "head.keras", features[val_rows[:8]] if val_rows.size else features[:8])
-    _write_history(history_path, history)
-    _plot_curves(history, out / "curves.png", f"{tag} · {loss_name}", before=validator.initial)
+    return fit, history, seconds
 
+
+def fit_summary(history, fit, steps: int, seconds: float, validator, epochs: int, resume_epoch: int) -> dict:
+    """The training.json fields shared by both modes: epochs, best epoch, speed."""
     scores = history[MONITOR].to_numpy(dtype=float)
     best_index = int(np.nanargmax(scores)) if np.isfinite(scores).any() else len(history) - 1
     epochs_this_fit = len(fit.history.get("loss", []))
     train_seconds = max(seconds - validator.seconds, 1e-9)
-    summary = {
-        "backbone": tag, "loss": loss_name, "loss_params": loss_params,
-        "loss_config": _jsonable(loss.get_config()), "mode": settings.mode, "train": shared,
-        "requires_classifier": with_classifier, "n_classifier_classes": int(train_classes.size) if with_classifier
-        else None,
-        "epochs_requested": settings.epochs, "epochs_run": int(len(history)),
-        "stopped_early": bool(len(history) < settings.epochs),
+    return {
+        "epochs_requested": epochs, "epochs_run": int(len(history)), "stopped_early": bool(len(history) < epochs),
         "resumed_from_epoch": resume_epoch, "epochs_this_fit": epochs_this_fit,
         "best_epoch": int(history["epoch"].iloc[best_index]) + 1,
         "best_val": {name: float(history[f"val_{name}"].iloc[best_index]) for name in VAL_METRICS},
         "initial_val": validator.initial,
-        "validation": validation,
-        "n_train": int(len(train_rows)), "n_train_classes": int(train_classes.size),
-        # Single-item classes can form no positive pair; the sampler leaves them out.
-        "n_single_item_classes_excluded": int(single.size),
-        "n_val": int(len(val_rows)), "feature_dim": int(features.shape[1]), "embedding_dim": settings.embedding_dim,
-        "batch": {"n_classes": int(n_classes), "n_samples_per_class": settings.n_samples_per_class,
-                  "size": int(batch_size)},
         "steps_per_epoch": int(steps), "steps_this_fit": int(epochs_this_fit * steps),
         "seconds": seconds, "validation_seconds": validator.seconds,
         "steps_per_second": epochs_this_fit * steps / train_seconds,
-        "phase1": {"dir": phase1["dir"].as_posix(), "fingerprint": meta.get("fingerprint")},
-        "fingerprint": fingerprint,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    atomic.write_json(summary_path, summary)
-    (out / _RESUME_STAMP).unlink(missing_ok=True)
-    log.info("phase 3: wrote %s (best epoch %d of %d: val P@1 %.4f, MAP@R %.4f; before training %.4f / %.4f)",
-             out, summary["best_epoch"], summary["epochs_run"], summary["best_val"]["P@1"],
-             summary["best_val"]["MAP@R"], validator.initial["P@1"], validator.initial["MAP@R"])
-    return out
 
 
 def _callbacks(out: Path, settings: TrainConfig, validator: RetrievalValidation, previous, extra) -> list:

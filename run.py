@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--image-size", type=int, help="input side in pixels (default: native)")
             g.add_argument("--alpha", type=float, help="MobileNet width multiplier")
             g.add_argument("--batch-size", type=int)
-            g.add_argument("--mixed-precision", action="store_true", help="mixed_float16 (for GPUs)")
+        if name in ("phase1", "phase3", "all"):
+            p.add_argument("--mixed-precision", action="store_true",
+                           help="mixed_float16 for extraction (phase 1) and training (phase 3); for GPUs")
         if name in ("phase3", "phase4", "phase5", "all"):
             g = p.add_argument_group("phases 3-5")
             g.add_argument("--loss", action="append", metavar="NAME",
@@ -60,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("phase3", "all"):
             g.add_argument("--mode", choices=["head", "finetune"], help="head: frozen backbone, cached features")
             g.add_argument("--epochs", type=int)
+            g.add_argument("--positives", choices=["label", "group"],
+                           help="positive pairs share a class label, or a group (an original and its variants)")
+            g.add_argument("--hard-negatives", type=float, metavar="SHARE",
+                           help="share of each batch's classes seeded with the baseline's hardest negatives (0-1)")
         if name in ("phase2", "all"):
             g = p.add_argument_group("phase 2")
             g.add_argument("--k", type=int, help="neighbours per query (default 5)")
@@ -96,7 +102,8 @@ def config_from_args(args):
         "source": "data.source", "split": "data.split", "ratios": "data.ratios", "seed": "data.seed",
         "max_side": "data.max_side", "limit_per_class": "data.limit_per_class",
         "batch_size": "extract.batch_size", "k": "evaluate.k", "gallery": "evaluate.gallery_splits",
-        "mode": "train.mode", "epochs": "train.epochs",
+        "mode": "train.mode", "epochs": "train.epochs", "positives": "train.positives",
+        "hard_negatives": "train.hard_negative_share",
     }
     for attr, key in flag_settings.items():
         value = getattr(args, attr, None)
@@ -105,7 +112,10 @@ def config_from_args(args):
     if getattr(args, "loss", None):
         overrides.append(f"train.losses={','.join(args.loss)}")
     if getattr(args, "mixed_precision", False):
-        overrides.append("extract.mixed_precision=true")
+        if args.phase in ("phase1", "all"):
+            overrides.append("extract.mixed_precision=true")
+        if args.phase in ("phase3", "all"):
+            overrides.append("train.mixed_precision=true")
     config_path = args.config or saved_run_config(args)
     config = load_config(config_path, overrides + args.overrides)
 

@@ -19,7 +19,9 @@ def build_embedding_head(input_dim: int, embedding_dim: int = 512, name: str = "
     inputs = keras.Input(shape=(input_dim,), name="features")
     # No bias: the batch normalisation right after subtracts the mean and adds its own offset.
     x = keras.layers.Dense(embedding_dim, use_bias=False, name="projection")(inputs)
-    x = keras.layers.BatchNormalization(momentum=BATCHNORM_MOMENTUM, name="batch_norm")(x)
+    # synchronized: under tf.distribute the batch statistics are those of the global
+    # batch, as on one device (the losses see the global batch too); a no-op on one replica.
+    x = keras.layers.BatchNormalization(momentum=BATCHNORM_MOMENTUM, synchronized=True, name="batch_norm")(x)
     # L2Normalize computes in float32 whatever the global policy, so the unit
     # vectors (and the cosine similarities of every loss) never round in float16.
     outputs = L2Normalize(name="l2_normalize")(x)

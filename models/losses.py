@@ -17,6 +17,10 @@ Shared conventions:
   returns 0 with a finite, zero gradient rather than 0/0.
 * Losses defined on cosine similarity normalise the embeddings themselves, so they
   are correct even when the model does not end in `L2Normalize`.
+* Under tf.distribute with several replicas, labels and embeddings are gathered
+  first, so negatives come from the global batch and the loss (and its gradient)
+  equals one device's on that batch (models/cross_replica.py). Subclasses write
+  `batch_loss`; the base class's `call` does the gathering.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ import math
 
 import keras
 from keras import ops
+
+from .cross_replica import gather_global_batch
 
 # Stands in for ±infinity inside masked max/min: a true inf turns into NaN gradients
 # (0 * inf) even where the entry is masked out.
@@ -158,6 +164,15 @@ class _BatchLoss(keras.losses.Loss):
     def get_config(self):
         return {**super().get_config(), **self._params()}
 
+    def call(self, y_true, y_pred):
+        # Several replicas: the loss of the global batch (see models/cross_replica.py).
+        (y_true, y_pred), scale = gather_global_batch(_labels(y_true), y_pred)
+        return self.batch_loss(y_true, y_pred) * scale
+
+    def batch_loss(self, y_true, y_pred):
+        """The scalar loss of one whole batch."""
+        raise NotImplementedError
+
 
 # --------------------------------------------------------------------------- losses
 
@@ -209,7 +224,7 @@ class TripletLoss(_BatchLoss):
     def _params(self):
         return {"margin": self.margin, "mining": self.mining, "distance": self.distance}
 
-    def call(self, y_true, y_pred):
+    def batch_loss(self, y_true, y_pred):
         labels = _labels(y_true)
         dist = _pairwise_distance(_embeddings(y_pred), self.distance)
         positive, negative = _pair_masks(labels)
@@ -264,7 +279,7 @@ class ContrastiveLoss(_BatchLoss):
         return {"positive_margin": self.positive_margin, "negative_margin": self.negative_margin,
                 "distance": self.distance}
 
-    def call(self, y_true, y_pred):
+    def batch_loss(self, y_true, y_pred):
         labels = _labels(y_true)
         dist = _pairwise_distance(_embeddings(y_pred), self.distance)
         same = ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(labels, 0))
@@ -289,7 +304,7 @@ class ContrastiveSoftmaxLoss(_TemperatureLoss):
 
     default_temperature = 0.1
 
-    def call(self, y_true, y_pred):
+    def batch_loss(self, y_true, y_pred):
         positive, negative = _pair_masks(_labels(y_true))
         sim = _cosine_similarity(_embeddings(y_pred))
         cube = ops.softplus((ops.expand_dims(sim, 1) - ops.expand_dims(sim, 2)) / self.temperature)
@@ -322,7 +337,7 @@ class ArcFaceLoss(_BatchLoss):
     def _params(self):
         return {"scale": self.scale, "margin": self.margin, "easy_margin": self.easy_margin}
 
-    def call(self, y_true, y_pred):
+    def batch_loss(self, y_true, y_pred):
         labels = _labels(y_true)
         cos = ops.clip(_embeddings(y_pred), -1.0, 1.0)
         is_target = ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(ops.arange(ops.shape(cos)[1]), 0))
@@ -364,7 +379,7 @@ class MultiSimilarityLoss(_BatchLoss):
     def _params(self):
         return {"alpha": self.alpha, "beta": self.beta, "base": self.base, "epsilon": self.epsilon}
 
-    def call(self, y_true, y_pred):
+    def batch_loss(self, y_true, y_pred):
         positive, negative = _pair_masks(_labels(y_true))
         sim = _cosine_similarity(_embeddings(y_pred))
         # With no positive (negative) the ±_BIG sentinel keeps no negative (positive).
@@ -399,7 +414,7 @@ class SupConLoss(_TemperatureLoss):
 
     default_temperature = 0.07
 
-    def call(self, y_true, y_pred):
+    def batch_loss(self, y_true, y_pred):
         positive, _ = _pair_masks(_labels(y_true))
         log_prob = _log_softmax_without_self(_cosine_similarity(_embeddings(y_pred)), self.temperature)
         n_pos = _count(positive, axis=1)
@@ -421,7 +436,7 @@ class InfoNCELoss(_TemperatureLoss):
 
     default_temperature = 0.1
 
-    def call(self, y_true, y_pred):
+    def batch_loss(self, y_true, y_pred):
         positive, _ = _pair_masks(_labels(y_true))
         log_prob = _log_softmax_without_self(_cosine_similarity(_embeddings(y_pred)), self.temperature)
         return _masked_mean(-log_prob, positive)
@@ -445,11 +460,12 @@ def get_loss(name: str, **params) -> keras.losses.Loss:
 
 @keras.saving.register_keras_serializable(package="embedlab")
 def triplet_accuracy(y_true, y_pred):
-    """Share of the batch's valid (a, p, n) triplets with d(a,p) < d(a,n), euclidean.
+    """Share of the (global) batch's valid (a, p, n) triplets with d(a,p) < d(a,n), euclidean.
 
     A batch without any valid triplet scores 0 (Keras averages this scalar over
     batches, so a NaN would poison the epoch's value).
     """
+    (y_true, y_pred), _ = gather_global_batch(_labels(y_true), y_pred)
     positive, negative = _pair_masks(_labels(y_true))
     dist = _pairwise_distance(_embeddings(y_pred), "euclidean")
     valid = _triplet_mask(positive, negative)

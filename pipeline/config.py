@@ -130,10 +130,24 @@ class TrainConfig:
     # Also save the image-level model (backbone + head): .keras and a TF SavedModel.
     export: bool = True
     seed: int = 0
+    # mixed_float16 compute (GPUs); the losses and the final L2 normalisation stay float32.
+    mixed_precision: bool = False
+    # MirroredStrategy over exactly these devices (e.g. ["/gpu:0", "/gpu:1"]); empty: all
+    # visible GPUs when there are several, TF_CONFIG's workers when it is set (pipeline/distribute.py).
+    devices: list[str] = field(default_factory=list)
+    # What makes two items a positive pair: "label", or "group" (items derived from one
+    # original: the original and its variants); other groups are the negatives.
+    positives: str = "label"
+    # Hard-negative seeding: share of each batch's other P-1 classes taken from the
+    # classes of the items the phase-1 baseline ranks highest for the batch's anchor
+    # (0 = plain class-balanced batches), from each item's `hard_negatives_per_item` top negatives.
+    hard_negative_share: float = 0.0
+    hard_negatives_per_item: int = 10
     # Finetune mode only. How many of the trunk's last layers train (BatchNormalization
     # layers among them stay frozen); 0 trains the head alone, on images.
     finetune_layers: int = 20
-    # One AdamW at this rate trains backbone and head alike (see pipeline/finetune.py).
+    # The trunk's learning rate; the head trains at `learning_rate` (one AdamW with a
+    # per-variable multiplier, models/optimizers.py).
     finetune_learning_rate: float = 1e-4
     # Random resized crop, horizontal flip and mild colour jitter of training images.
     augment: bool = True
@@ -266,6 +280,7 @@ _CHOICES = {
     ("extract", "dtype"): ("float32", "float16"),
     ("extract", "index"): ("flat", "hnsw"),
     ("train", "mode"): ("head", "finetune"),
+    ("train", "positives"): ("label", "group"),
 }
 
 
@@ -293,6 +308,10 @@ def validate(config: RunConfig) -> None:
     for b in config.extract.backbones:
         if b.weights_fallback not in ("error", "random"):
             raise ConfigError(f"weights_fallback must be 'error' or 'random', got {b.weights_fallback!r}")
+    if not 0.0 <= config.train.hard_negative_share <= 1.0:
+        raise ConfigError(f"train.hard_negative_share must lie in [0, 1], got {config.train.hard_negative_share}")
+    if config.train.hard_negatives_per_item < 1:
+        raise ConfigError("train.hard_negatives_per_item must be at least 1")
     for p in config.evaluate.projections:
         if p not in ("pca", "tsne", "umap"):
             raise ConfigError(f"evaluate.projections: unknown method {p!r}")

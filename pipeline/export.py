@@ -80,15 +80,24 @@ def export_embedding_model(run_dir: RunDir, backbone: BackboneConfig, loss: str,
     with atomic.atomic_path(out / "embedding_model.keras") as tmp:
         model.save(tmp)
     write_saved_model(model, out / "saved_model")
-    atomic.write_json(out / "export.json", {
-        "input": f"float32 [batch, {image_size}, {image_size}, 3], RGB pixels in 0..255 (preprocessing inside)",
-        "output": f"float32 [batch, {int(head.outputs[0].shape[-1])}], L2-normalised",
-        "keras": "embedding_model.keras", "saved_model": "saved_model (endpoint: serve)",
-        "backbone": tag, "loss": loss, "image_size": image_size,
-        "checked_images": 0 if probe_images is None else int(len(probe_images)), "max_abs_error": max_error,
-    })
+    write_export_manifest(out, tag, loss, image_size, int(head.outputs[0].shape[-1]),
+                          0 if probe_images is None else int(len(probe_images)), max_error,
+                          "head applied to the phase-1 features of the same images")
     log.info("phase 3: exported %s (Keras + SavedModel)", out / "embedding_model.keras")
     return out
+
+
+def write_export_manifest(out: Path, tag: str, loss: str, image_size: int, dim: int, checked_images: int,
+                          max_error: float | None, checked_against: str) -> Path:
+    """export.json: what the exported model takes and gives, and the check it passed before publication."""
+    atomic.write_json(out / "export.json", {
+        "input": f"float32 [batch, {image_size}, {image_size}, 3], RGB pixels in 0..255 (preprocessing inside)",
+        "output": f"float32 [batch, {dim}], L2-normalised",
+        "keras": "embedding_model.keras", "saved_model": "saved_model (endpoint: serve)",
+        "backbone": tag, "loss": loss, "image_size": image_size,
+        "checked_images": checked_images, "max_abs_error": max_error, "checked_against": checked_against,
+    })
+    return out / "export.json"
 
 
 def write_saved_model(model, final: Path) -> Path:

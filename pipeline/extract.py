@@ -43,17 +43,6 @@ def load_dataset_meta(run_dir: RunDir) -> dict:
     return atomic.read_json(path)
 
 
-def distribution_strategy():
-    """MirroredStrategy over every visible GPU when there are several, else the default."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-
 def run_extract(config: RunConfig, force: bool = False) -> list[Path]:
     import keras
 
@@ -62,7 +51,9 @@ def run_extract(config: RunConfig, force: bool = False) -> list[Path]:
     if config.extract.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        strategy = distribution_strategy()
+        from .distribute import inference_strategy
+
+        strategy = inference_strategy()
         return [extract_backbone(run_dir, dataset_meta, b, config.extract, strategy, force)
                 for b in config.extract.backbones]
     finally:

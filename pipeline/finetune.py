@@ -5,11 +5,12 @@ mode (training.json with "mode": "finetune", history.csv, curves.png, checkpoint
 backup/) except that the model is image-level from the start:
     embedding_model.keras   RGB pixels 0..255 -> unit embedding (preprocessing inside)
     saved_model/            the same as a TensorFlow SavedModel (endpoint `serve`)
+    export.json             inputs, outputs and the reload check both files passed
 
-Learning rates: one AdamW at `train.finetune_learning_rate` updates backbone and
-head alike. Two rates would need two optimizers and a custom train step, whose
-second optimizer BackupAndRestore and ReduceLROnPlateau do not know about; the head
-is a single Dense layer, which the lower rate slows down but does not stop.
+Learning rates: the head trains at `train.learning_rate` and the trunk's layers at
+the lower `train.finetune_learning_rate`, through one AdamW with per-variable
+multipliers (models/optimizers.py), so BackupAndRestore, checkpoints and
+ReduceLROnPlateau (which lowers both rates together) work as in head mode.
 
 Data: the train (and validation) records' encoded bytes are held in memory (they are
 far smaller than decoded pixels) and decoded per batch, so augmentation differs
@@ -32,8 +33,10 @@ from . import atomic
 from .config import BackboneConfig, TrainConfig
 from .extract import PhaseInputError, load_dataset_meta
 from .run_dir import RunDir, fingerprint_of
-from .train import (_RESUME_STAMP, RetrievalValidation, _callbacks, _jsonable, _plot_curves,
-                    _prepare_output_dir, _read_history, _write_history, fit_checked, fit_summary, split_train_val)
+from .distribute import distribute_global_batches, training_strategy
+from .train import (NOT_FINGERPRINTED, _RESUME_STAMP, RetrievalValidation, _callbacks, _effective_jit, _hard_negatives, _jsonable,
+                    _plot_curves, _prepare_output_dir, _read_history, _write_history, fit_checked, fit_summary,
+                    load_phase1_features, pair_keys, runtime_summary, split_train_val)
 
 log = logging.getLogger("embedlab.finetune")
 
@@ -44,14 +47,14 @@ _SPLITS = ("train", "val")
 # --------------------------------------------------------------------------- data
 
 def read_records(dataset_dir: Path, splits: Sequence[str] = _SPLITS):
-    """(items DataFrame with split/id/label, encoded image bytes as an object array), in record order."""
+    """(items DataFrame with split/id/label/group, encoded image bytes as an object array), in record order."""
     import pandas as pd
     import tensorflow as tf
 
     from . import schema
     from .data import list_shards
 
-    columns: dict[str, list] = {"split": [], "id": [], "label": []}
+    columns: dict[str, list] = {"split": [], "id": [], "label": [], "group": []}
     encoded: list[bytes] = []
     for split in splits:
         shards = list_shards(dataset_dir, split)
@@ -62,6 +65,7 @@ def read_records(dataset_dir: Path, splits: Sequence[str] = _SPLITS):
             encoded.extend(batch["image"].tolist())
             columns["id"].extend(v.decode("utf-8") for v in batch["id"])
             columns["label"].extend(int(v) for v in batch["label"])
+            columns["group"].extend(v.decode("utf-8") for v in batch["group"])
             columns["split"].extend([split] * len(batch["id"]))
     if not encoded:
         raise PhaseInputError(f"no TFRecords for splits {list(splits)} in {dataset_dir}: run phase0 first")
@@ -92,27 +96,42 @@ def augment_image(image, image_size: int, seed):
 
 
 def image_batches(encoded: np.ndarray, labels: np.ndarray, image_size: int, n_classes_per_batch: int,
-                  n_samples_per_class: int, seed: int, augment: bool, skip_batches: int = 0):
-    """An endless dataset of (images float32 (P*K, S, S, 3) in 0..255, labels int32 (P*K,)), class-balanced."""
+                  n_samples_per_class: int, seed: int, augment: bool, skip_batches: int = 0,
+                  hard_negatives: np.ndarray | None = None, hard_negative_share: float = 0.0,
+                  first: int = 0, count: int | None = None):
+    """An endless dataset of (images float32 (n, S, S, 3) in 0..255, labels int32 (n,)), class-balanced.
+
+    Each element is rows [first, first + count) of a global P x K batch (all of it by
+    default); under tf.distribute each worker decodes only its replicas' rows.
+    """
     import itertools
 
     import tensorflow as tf
 
     from .data import decode_and_resize
-    from .sampler import balanced_batch_indices
+    from .sampler import balanced_batch_indices, hard_negative_batch_indices
 
     labels = np.asarray(labels)
-    probe = balanced_batch_indices(labels, n_classes_per_batch, n_samples_per_class, seed)
-    batch_size = int(next(probe).size)
+
+    def batch_indices():
+        if hard_negatives is not None and hard_negative_share > 0:
+            return hard_negative_batch_indices(labels, hard_negatives, hard_negative_share, n_classes_per_batch,
+                                               n_samples_per_class, seed)
+        return balanced_batch_indices(labels, n_classes_per_batch, n_samples_per_class, seed)
+
+    batch_size = int(next(batch_indices()).size)
+    count = batch_size - first if count is None else count
     # The bytes are small enough to live in the pipeline as one string tensor (the
     # graph's 2 GB constant limit bounds this at roughly a million small JPEGs).
     bytes_table = tf.constant(encoded.astype(object).tolist(), dtype=tf.string)
     labels32 = tf.constant(labels.astype(np.int32))
 
     def rows():
-        batches = balanced_batch_indices(labels, n_classes_per_batch, n_samples_per_class, seed)
-        for batch in itertools.islice(batches, skip_batches, None):
-            yield batch
+        for number, batch in enumerate(itertools.islice(batch_indices(), skip_batches, None), start=skip_batches):
+            # Positions count drawn items from the run's start, so a resumed (or
+            # distributed) stream keeps each item's augmentation seed.
+            positions = number * batch_size + np.arange(first, first + count)
+            yield positions, batch[first:first + count]
 
     def load(position, row):
         image_bytes = tf.gather(bytes_table, row)
@@ -124,13 +143,11 @@ def image_batches(encoded: np.ndarray, labels: np.ndarray, image_size: int, n_cl
             image = decode_and_resize(image_bytes, image_size)
         return image, tf.gather(labels32, row)
 
-    index_batches = tf.data.Dataset.from_generator(rows, output_signature=tf.TensorSpec((batch_size,), tf.int64))
-    # Positions count drawn items from the run's start, so a resumed stream keeps its augmentation seeds.
-    positions = tf.data.Dataset.counter(start=skip_batches * batch_size, dtype=tf.int64)
-    ds = tf.data.Dataset.zip(positions, index_batches.unbatch())
+    spec = tf.TensorSpec((count,), tf.int64)
+    ds = tf.data.Dataset.from_generator(rows, output_signature=(spec, spec)).unbatch()
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # Batching the unbatched stream back into the same sizes keeps each batch's P x K grouping.
-    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.batch(count, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
 def plain_images(encoded: np.ndarray, image_size: int, batch_size: int = 64):
@@ -175,6 +192,28 @@ def build_finetune_model(backbone: BackboneConfig, embedding_dim: int, finetune_
     return model, trunk, extractor
 
 
+def finetune_optimizer(trunk, settings: TrainConfig):
+    """One AdamW: the head at train.learning_rate, the trunk at train.finetune_learning_rate."""
+    from models.optimizers import ScaledAdamW
+
+    multiplier = settings.finetune_learning_rate / settings.learning_rate
+    # Keras variable paths name the layer, not the model that holds it, so the trunk's
+    # variables are listed one by one.
+    return ScaledAdamW(learning_rate=settings.learning_rate, weight_decay=settings.weight_decay,
+                       lr_multipliers={v.path: multiplier for v in trunk.trainable_weights})
+
+
+def baseline_features(run_dir: RunDir, tag: str, ids: np.ndarray) -> np.ndarray:
+    """Phase-1 features of the items `ids`, in that order (the baseline that ranks hard negatives)."""
+    phase1 = load_phase1_features(run_dir.embeddings_dir(tag))
+    position = {item_id: row for row, item_id in enumerate(phase1["items"]["id"].astype(str))}
+    missing = [item_id for item_id in ids if item_id not in position]
+    if missing:
+        raise PhaseInputError(f"hard negatives: {len(missing)} training items (e.g. {missing[0]}) have no phase-1 "
+                              f"features in {phase1['dir']}: run phase1 again (`python run.py phase1 --force`)")
+    return phase1["features"][[position[item_id] for item_id in ids]]
+
+
 # --------------------------------------------------------------------------- training
 
 def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss_name: str, settings: TrainConfig,
@@ -185,7 +224,7 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
 
     out = run_dir.train_dir(tag, loss_name)
     loss_params = dict(settings.loss_params.get(loss_name, {}) or {})
-    shared = {k: v for k, v in asdict(settings).items() if k not in ("losses", "loss_params")}
+    shared = {k: v for k, v in asdict(settings).items() if k not in ("losses", "loss_params", *NOT_FINGERPRINTED)}
     dataset_meta = load_dataset_meta(run_dir)
     fingerprint = fingerprint_of({"dataset": dataset_meta.get("fingerprint"), "backbone": asdict(backbone_cfg),
                                   "train": shared, "loss": loss_name, "loss_params": loss_params})
@@ -202,13 +241,17 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
         _write_history(history_path, previous)
 
     items, encoded = read_records(run_dir.dataset_dir)
-    train_rows, val_rows, validation = split_train_val(items, settings)
-    labels = items["label"].to_numpy()
+    labels = pair_keys(items, settings)
+    train_rows, val_rows, validation = split_train_val(items, settings, labels)
     train_labels = labels[train_rows]
     usable, single = split_usable_classes(train_labels)
     if usable.size < 2:
-        raise PhaseInputError(f"{tag}: training needs at least 2 classes with 2 or more training items; "
-                              f"found {usable.size}")
+        raise PhaseInputError(f"{tag}: training needs at least 2 {settings.positives}s with 2 or more training "
+                              f"items; found {usable.size}")
+    hard_negatives = None
+    if settings.hard_negative_share > 0:
+        hard_negatives = _hard_negatives(baseline_features(run_dir, tag, items["id"].to_numpy()[train_rows]),
+                                         train_labels, settings)
 
     loss = losses_lib.get_loss(loss_name, **loss_params)
     with_classifier = bool(getattr(loss, "requires_classifier", False))
@@ -216,28 +259,35 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
     if with_classifier:
         train_labels = np.searchsorted(train_classes, train_labels)
 
+    strategy = training_strategy(settings.devices)
+    jit_compile = _effective_jit(settings, strategy)
     keras.utils.set_random_seed(settings.seed)
-    embedding_model, trunk, extractor = build_finetune_model(backbone_cfg, settings.embedding_dim,
-                                                             settings.finetune_layers)
-    if with_classifier:
-        from models.classifier import CosineClassifier
+    with strategy.scope():
+        embedding_model, trunk, extractor = build_finetune_model(backbone_cfg, settings.embedding_dim,
+                                                                 settings.finetune_layers)
+        if with_classifier:
+            from models.classifier import CosineClassifier
 
-        logits = CosineClassifier(len(train_classes), name="cosine_classifier")(embedding_model.output)
-        model = keras.Model(embedding_model.input, logits, name="embedding_model_with_classifier")
-        metrics = []
-    else:
-        model = embedding_model
-        metrics = [losses_lib.triplet_accuracy]
-    model.compile(optimizer=keras.optimizers.AdamW(learning_rate=settings.finetune_learning_rate,
-                                                   weight_decay=settings.weight_decay),
-                  loss=loss, metrics=metrics, jit_compile=settings.jit_compile)
+            logits = CosineClassifier(len(train_classes), name="cosine_classifier")(embedding_model.output)
+            model = keras.Model(embedding_model.input, logits, name="embedding_model_with_classifier")
+            metrics = []
+        else:
+            model = embedding_model
+            metrics = [losses_lib.triplet_accuracy]
+        model.compile(optimizer=finetune_optimizer(trunk, settings), loss=loss, metrics=metrics,
+                      jit_compile=jit_compile)
 
     n_classes = min(settings.n_classes_per_batch, usable.size)
     batch_size = n_classes * settings.n_samples_per_class
     steps = settings.steps_per_epoch or math.ceil(len(train_rows) / batch_size)
-    dataset = image_batches(encoded[train_rows], train_labels, extractor.image_size, settings.n_classes_per_batch,
-                            settings.n_samples_per_class, settings.seed, settings.augment,
-                            skip_batches=resume_epoch * steps)
+
+    def rows_of_each_batch(first: int, count: int):
+        return image_batches(encoded[train_rows], train_labels, extractor.image_size, settings.n_classes_per_batch,
+                             settings.n_samples_per_class, settings.seed, settings.augment,
+                             skip_batches=resume_epoch * steps, hard_negatives=hard_negatives,
+                             hard_negative_share=settings.hard_negative_share, first=first, count=count)
+
+    dataset = distribute_global_batches(strategy, rows_of_each_batch, batch_size)
     val_images = plain_images(encoded[val_rows], extractor.image_size)
     validator = RetrievalValidation(embedding_model, None, labels[val_rows],
                                     embed=lambda: embedding_model.predict(val_images, verbose=0))
@@ -249,9 +299,9 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
              settings.n_samples_per_class, steps, settings.finetune_layers, n_trainable)
     fit, history, seconds = fit_checked(
         model, dataset, steps, settings.epochs, callbacks, out, resume_epoch, f"{loss_name} fine-tuning {tag}",
-        f"Lower train.finetune_learning_rate or change train.loss_params.{loss_name}")
+        f"Lower train.learning_rate and train.finetune_learning_rate, or change train.loss_params.{loss_name}")
     probe = next(iter(val_images if len(val_rows) else plain_images(encoded[train_rows[:8]], extractor.image_size)))
-    _save_model(embedding_model, out, probe.numpy()[:8])
+    _save_model(embedding_model, out, probe.numpy()[:8], tag, loss_name, extractor.image_size)
     _write_history(history_path, history)
     _plot_curves(history, out / "curves.png", f"{tag} · {loss_name} · finetune", before=validator.initial)
 
@@ -260,8 +310,10 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
         "backbone": tag, "backbone_config": asdict(backbone_cfg), "weights_loaded": extractor.weights_loaded,
         "image_size": extractor.image_size, "loss": loss_name, "loss_params": loss_params,
         "loss_config": _jsonable(loss.get_config()), "mode": "finetune", "train": shared,
-        "optimizer": {"name": "AdamW", "learning_rate": settings.finetune_learning_rate,
-                      "note": "one rate for backbone and head"},
+        "optimizer": {"name": "ScaledAdamW", "head_learning_rate": settings.learning_rate,
+                      "backbone_learning_rate": settings.finetune_learning_rate,
+                      "weight_decay": settings.weight_decay},
+        **runtime_summary(settings, strategy, jit_compile, hard_negatives),
         "finetune_layers": settings.finetune_layers, "trainable_backbone_parameters": n_trainable,
         "augment": settings.augment,
         "requires_classifier": with_classifier, "n_classifier_classes": int(train_classes.size) if with_classifier
@@ -285,14 +337,26 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
     return out
 
 
-def _save_model(model, out: Path, probe: np.ndarray) -> None:
-    from .export import write_saved_model
+def _save_model(model, out: Path, probe: np.ndarray, tag: str, loss: str, image_size: int) -> None:
+    """embedding_model.keras, saved_model/ and export.json, each checked to reproduce the trained model."""
+    import tensorflow as tf
 
+    from .export import write_export_manifest, write_saved_model
+
+    expected = model.predict(probe, verbose=0)
     with atomic.atomic_path(out / "embedding_model.keras") as tmp:
         model.save(tmp)
         # Checked before the rename: a model that does not reload is never published.
         reloaded = keras.saving.load_model(tmp, compile=False)
-        if not np.allclose(reloaded.predict(probe, verbose=0), model.predict(probe, verbose=0), atol=1e-5):
-            raise RuntimeError(f"{out}: the saved embedding model does not reproduce the trained one")
+        keras_error = float(np.max(np.abs(reloaded.predict(probe, verbose=0) - expected)))
+        if keras_error > 1e-5:
+            raise RuntimeError(f"{out}: the saved embedding model differs from the trained one by {keras_error:.2e}")
     write_saved_model(model, out / "saved_model")
-
+    # Held in a name: the loaded object owns the variables `serve` reads.
+    loaded = tf.saved_model.load(str(out / "saved_model"))
+    served = loaded.serve(tf.constant(probe, tf.float32)).numpy()
+    served_error = float(np.max(np.abs(served - expected)))
+    if served_error > 1e-4:
+        raise RuntimeError(f"{out}: the SavedModel differs from the trained model by {served_error:.2e}")
+    write_export_manifest(out, tag, loss, image_size, int(expected.shape[-1]), int(len(probe)),
+                          max(keras_error, served_error), "the fine-tuned model before saving")

@@ -9,6 +9,13 @@ reshuffled when exhausted, so every usable class appears about equally often; th
 items of a class are walked the same way, so every item is seen before any repeats.
 A class with fewer than K items contributes all of them plus draws with replacement
 from them. Classes with a single item can form no positive pair and are left out.
+
+Hard negatives: the negatives a loss learns most from are the items of other classes
+that the embedding puts closest, but P random classes out of 1,000 rarely include the
+few classes an item is confused with. `baseline_hard_negatives` ranks, for every item,
+the other-class items closest to it under the phase-1 baseline; `hard_negative_batch_indices`
+builds each batch around an anchor item and fills a share of its class slots with the
+classes of the anchor's top-ranked negatives (those items included), the rest as usual.
 """
 from __future__ import annotations
 
@@ -19,12 +26,125 @@ import numpy as np
 
 log = logging.getLogger("embedlab.sampler")
 
+# Unit vectors are rounded to multiples of 2**-11 before the similarity matmul. Every
+# product of two coordinates is then a multiple of 2**-22, and every partial sum of a
+# dot product stays below (2**11 + sqrt(d)/2)**2 such units (Cauchy-Schwarz on the
+# rounded vectors), well inside float32's 24-bit significand: the float32 matmul is
+# exact whatever order BLAS sums in. Unrounded, BLAS can give two identical columns
+# different last bits depending on where they sit. So the ranking depends neither on
+# chunk_size nor on the BLAS kernel, and duplicate embeddings tie exactly. The rounding
+# moves a cosine by ~1e-4.
+_UNIT_GRID = 2.0 ** -11
+# Every 8th column gives a cheap lower bound on each row's n-th largest similarity.
+_SAMPLE_STRIDE = 8
+
 
 def split_usable_classes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(classes with at least two items, classes with exactly one), both sorted."""
     classes, counts = np.unique(np.asarray(labels), return_counts=True)
     return classes[counts >= 2], classes[counts == 1]
 
+
+# --------------------------------------------------------------------------- hard negatives from the baseline
+
+def baseline_hard_negatives(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    n_negatives: int = 10,
+    chunk_size: int = 1024,
+) -> np.ndarray:
+    """int64 (n, n_negatives): per row, the rows of other labels most cosine-similar to it, most similar first.
+
+    Equal similarities (duplicate embeddings, a zero row, which is equally similar to
+    everything) are ranked by lower row index. Rows with fewer than n_negatives items
+    of other labels are padded with -1. Queries are processed `chunk_size` rows at a
+    time against all rows, so memory is chunk_size x n, never n x n. Similarities are
+    those of the unit vectors rounded to multiples of 2**-11 (see _UNIT_GRID), which
+    makes the result exact and independent of chunk_size.
+    """
+    embeddings = np.asarray(embeddings)
+    labels = np.asarray(labels)
+    if embeddings.ndim != 2 or labels.shape != (len(embeddings),):
+        raise ValueError(f"embeddings must be (n, d) with one label per row; got {embeddings.shape} and {labels.shape}")
+    if n_negatives < 1 or chunk_size < 1:
+        raise ValueError(f"n_negatives and chunk_size must be at least 1, got {n_negatives} and {chunk_size}")
+    if not np.isfinite(embeddings).all():
+        raise ValueError("embeddings hold NaN or infinite values")
+    unit = _grid_unit_rows(embeddings)
+    hard = np.empty((len(unit), n_negatives), dtype=np.int64)
+    for start in range(0, len(unit), chunk_size):
+        stop = min(start + chunk_size, len(unit))
+        similarities = unit[start:stop] @ unit.T
+        # Items of the query's own label are its positives (the query included).
+        similarities[labels[start:stop, None] == labels[None, :]] = -np.inf
+        hard[start:stop] = _top_columns(similarities, n_negatives)
+    return hard
+
+
+def _grid_unit_rows(embeddings: np.ndarray) -> np.ndarray:
+    """float32 rows scaled to unit length (zero rows stay zero), rounded to multiples of _UNIT_GRID."""
+    rows = embeddings.astype(np.float64)  # a copy, scaled in place below
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    np.divide(rows, norms, out=rows, where=norms > 0)
+    np.multiply(rows, 1 / _UNIT_GRID, out=rows)
+    np.round(rows, out=rows)
+    return (rows * _UNIT_GRID).astype(np.float32)
+
+
+def _top_columns(values: np.ndarray, n_top: int) -> np.ndarray:
+    """Per row, the columns of its n_top largest finite values, largest first, equal values by lower column; -1 pads.
+
+    Selecting in full rows (argpartition) costs more than the matmul, so each row's
+    n_top-th largest value is first bounded from below on a strided sample of its
+    columns: a subset's n_top-th largest can't exceed the whole row's, so every top
+    column (ties included) is at or above the bound, and only ~n_top * stride columns
+    pass it. Those candidates are sorted exactly. Rows where too many columns pass
+    (many equal values, or too few finite ones in the sample) are done one by one.
+    """
+    n_rows, n_cols = values.shape
+    top = np.full((n_rows, n_top), -1, dtype=np.int64)
+    stride = _SAMPLE_STRIDE if n_cols >= 2 * _SAMPLE_STRIDE * n_top else 1
+    sample = values[:, ::stride]
+    kth = sample.shape[1] - n_top
+    if kth >= 0:
+        floor = np.partition(sample, kth, axis=1)[:, kth]
+    else:
+        floor = np.full(n_rows, -np.inf, dtype=values.dtype)
+    candidates = values >= floor[:, None]
+    # About n_top * stride columns pass in a typical row; eight times that means ties or too few finite values.
+    crowded = np.flatnonzero(candidates.sum(axis=1) > 8 * n_top * stride)
+    candidates[crowded] = False
+    # flatnonzero of the flat mask is ~10x faster than a 2-D np.nonzero.
+    flat = np.flatnonzero(candidates)
+    rows, cols = np.divmod(flat, n_cols)
+    candidate_values = values.reshape(-1)[flat]
+    order = np.lexsort((cols, -candidate_values, rows))
+    rows, cols, candidate_values = rows[order], cols[order], candidate_values[order]
+    rank = np.arange(rows.size) - np.searchsorted(rows, rows)  # position within the row's run
+    keep = (rank < n_top) & (candidate_values > -np.inf)
+    top[rows[keep], rank[keep]] = cols[keep]
+    for row in crowded:
+        top[row] = _top_columns_of_row(values[row], n_top)
+    return top
+
+
+def _top_columns_of_row(row_values: np.ndarray, n_top: int) -> np.ndarray:
+    """_top_columns for one row, exact threshold first: for rows with many equal values."""
+    top = np.full(n_top, -1, dtype=np.int64)
+    finite = np.flatnonzero(row_values > -np.inf)
+    if finite.size <= n_top:
+        chosen = finite
+    else:
+        kth = row_values.size - n_top
+        threshold = np.partition(row_values, kth)[kth]
+        above = np.flatnonzero(row_values > threshold)
+        chosen = np.concatenate([above, np.flatnonzero(row_values == threshold)[:n_top - above.size]])
+    ranked = chosen[np.lexsort((chosen, -row_values[chosen]))]
+    top[:ranked.size] = ranked
+    return top
+
+
+# --------------------------------------------------------------------------- batch index streams
 
 class _Cycle:
     """Walks seeded permutations of `values` chunk by chunk, reshuffling when exhausted.
@@ -41,13 +161,33 @@ class _Cycle:
         self.order = values[:0]
         self.position = 0
 
-    def take(self, size: int) -> np.ndarray:
+    def reserve(self, size: int) -> None:
+        """Makes sure `size` values are left in the current permutation (starting a fresh one if not)."""
         if self.position + size > self.order.size:
             self.order = self.rng.permutation(self.values)
             self.position = 0
+
+    def take(self, size: int) -> np.ndarray:
+        self.reserve(size)
         chunk = self.order[self.position:self.position + size]
         self.position += size
         return chunk
+
+    def take_skipping(self, size: int, skip: np.ndarray) -> np.ndarray:
+        """The next `size` values not in `skip`; values of `skip` met on the way are used up too.
+
+        Callers reserve(size + len(skip)) first (or reserved that many for a chunk they
+        are still taking), so the values come from the current permutation, distinct.
+        Walking past a skipped value uses it up: it is in the batch already, so it has
+        had its turn.
+        """
+        window = self.order[self.position:self.position + size + len(skip)]
+        kept = np.flatnonzero(~np.isin(window, skip))[:size]
+        if kept.size < size:
+            raise AssertionError("take_skipping beyond the reserved values")
+        if size:
+            self.position += int(kept[-1]) + 1
+        return window[kept]
 
 
 def balanced_batch_indices(
@@ -61,6 +201,57 @@ def balanced_batch_indices(
     P is capped at the number of usable classes (with a warning). Raises ValueError
     when fewer than two classes have at least two items.
     """
+    labels, usable, n_classes = _batch_layout(labels, n_classes_per_batch, n_samples_per_class)
+    return _generate(labels, usable, n_classes, n_samples_per_class, seed)
+
+
+def hard_negative_batch_indices(
+    labels: np.ndarray,
+    hard_negatives: np.ndarray,
+    share: float,
+    n_classes_per_batch: int,
+    n_samples_per_class: int,
+    seed: int,
+) -> Iterator[np.ndarray]:
+    """balanced_batch_indices, with a share of each batch's classes taken from an anchor's hard negatives.
+
+    Each batch starts with a class from the usual class cycle; the first item drawn
+    from it is the anchor. Of the other P-1 class slots, round(share * (P-1)) (halves
+    round up) go to the classes of the anchor's hard negatives (rows of
+    `hard_negatives[anchor]`, in order; -1, single-item classes, the anchor's class and
+    classes already taken are passed over), each slot holding the hard negative itself
+    first and K-1 other items of its class. Slots left (all of them when the anchor's
+    list runs out) take classes from the class cycle, passing over those in the batch.
+    share=0 gives exactly the balanced_batch_indices stream of the same seed.
+
+    `hard_negatives` is (len(labels), m) int, row indices into `labels` or -1, such as
+    baseline_hard_negatives returns.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"hard-negative share must be in [0, 1], got {share}")
+    hard_negatives = np.asarray(hard_negatives)
+    n_rows = len(np.asarray(labels))
+    if hard_negatives.ndim != 2 or hard_negatives.shape[0] != n_rows:
+        raise ValueError(f"hard_negatives must be (n, m) with one row per label ({n_rows}); got {hard_negatives.shape}")
+    if share > 0 and hard_negatives.shape[1] < 1:
+        raise ValueError("hard_negatives has no columns; a positive share needs at least one negative per row")
+    if hard_negatives.size and not np.issubdtype(hard_negatives.dtype, np.integer):
+        raise ValueError(f"hard_negatives must hold integer row indices, got dtype {hard_negatives.dtype}")
+    if hard_negatives.size and (hard_negatives.min() < -1 or hard_negatives.max() >= n_rows):
+        raise ValueError(f"hard_negatives must hold row indices in [0, {n_rows}) or -1")
+    labels, usable, n_classes = _batch_layout(labels, n_classes_per_batch, n_samples_per_class)
+    n_hard = _hard_slot_count(share, n_classes)
+    return _generate(labels, usable, n_classes, n_samples_per_class, seed,
+                     hard_negatives=hard_negatives.astype(np.int64, copy=False), n_hard=n_hard)
+
+
+def _hard_slot_count(share: float, n_classes: int) -> int:
+    # Halves round up (Python's round would give 0 hard slots for share 0.5 with P=2).
+    return int(np.floor(share * (n_classes - 1) + 0.5))
+
+
+def _batch_layout(labels, n_classes_per_batch: int, n_samples_per_class: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Validated (labels, usable classes, P capped at their number), warning about what is left out."""
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
@@ -82,10 +273,12 @@ def balanced_batch_indices(
         log.warning("sampler: only %d usable classes; batches hold %d classes instead of %d",
                     usable.size, usable.size, n_classes)
         n_classes = int(usable.size)
-    return _generate(labels, usable, n_classes, n_samples_per_class, seed)
+    return labels, usable, n_classes
 
 
-def _generate(labels: np.ndarray, usable: np.ndarray, n_classes: int, k: int, seed: int) -> Iterator[np.ndarray]:
+def _generate(labels: np.ndarray, usable: np.ndarray, n_classes: int, k: int, seed: int,
+              hard_negatives: np.ndarray | None = None, n_hard: int = 0) -> Iterator[np.ndarray]:
+    """The batch stream. With n_hard=0 (or no hard_negatives) the draws, and so the stream, are those of the plain sampler."""
     rng = np.random.default_rng(seed)
     order = np.argsort(labels, kind="stable")
     bounds = np.searchsorted(labels[order], usable, side="left"), np.searchsorted(labels[order], usable, side="right")
@@ -94,19 +287,60 @@ def _generate(labels: np.ndarray, usable: np.ndarray, n_classes: int, k: int, se
     # otherwise shuffle them all before the first batch.
     item_cycles: dict[int, _Cycle] = {}
     class_cycle = _Cycle(np.arange(usable.size), rng)
+    if hard_negatives is None:
+        n_hard = 0
+    if n_hard:
+        # Index into `usable` of each row's class; -1 for single-item classes.
+        class_of_row = np.full(labels.size, -1, dtype=np.int64)
+        for c, rows in enumerate(members):
+            class_of_row[rows] = c
+
+    def items_of(c: int, hard_negative: int | None = None) -> np.ndarray:
+        """K items of class c; with a hard negative, that item first and K-1 others."""
+        rows = members[c]
+        if rows.size >= k:
+            cycle = item_cycles.get(c)
+            if cycle is None:
+                cycle = item_cycles[c] = _Cycle(rows, rng)
+            if hard_negative is None:
+                return cycle.take(k)
+            cycle.reserve(k)
+            return np.concatenate([[hard_negative], cycle.take_skipping(k - 1, np.array([hard_negative]))])
+        # Every item once, the rest drawn again: replacement only where the class is too small.
+        if hard_negative is None:
+            return np.concatenate([rng.permutation(rows), rng.choice(rows, k - rows.size, replace=True)])
+        others = rows[rows != hard_negative]
+        return np.concatenate([[hard_negative], rng.permutation(others), rng.choice(rows, k - rows.size, replace=True)])
+
+    def hard_slots(anchor: int, anchor_class: int) -> list[tuple[int, int]]:
+        """(class, hard-negative row) for up to n_hard slots, in the anchor's ranking order."""
+        slots: list[tuple[int, int]] = []
+        taken = {anchor_class}
+        for row in hard_negatives[anchor]:
+            c = int(class_of_row[row]) if row >= 0 else -1
+            if c >= 0 and c not in taken:
+                slots.append((c, int(row)))
+                taken.add(c)
+                if len(slots) == n_hard:
+                    break
+        return slots
+
     while True:
         batch = np.empty(n_classes * k, dtype=np.int64)
-        for slot, c in enumerate(class_cycle.take(n_classes)):
-            rows = members[c]
-            if rows.size >= k:
-                cycle = item_cycles.get(c)
-                if cycle is None:
-                    cycle = item_cycles[c] = _Cycle(rows, rng)
-                chosen = cycle.take(k)
-            else:
-                # Every item once, the rest drawn again: replacement only where the class is too small.
-                chosen = np.concatenate([rng.permutation(rows), rng.choice(rows, k - rows.size, replace=True)])
-            batch[slot * k:(slot + 1) * k] = chosen
+        # Reserving the whole batch's classes up front draws them (and uses the rng)
+        # exactly as the plain sampler's take(P) does.
+        class_cycle.reserve(n_classes)
+        anchor_class = int(class_cycle.take(1)[0])
+        batch[:k] = items_of(anchor_class)
+        slot = 1
+        hard = hard_slots(int(batch[0]), anchor_class) if n_hard else []
+        for c, row in hard:
+            batch[slot * k:(slot + 1) * k] = items_of(c, hard_negative=row)
+            slot += 1
+        hard_classes = np.array([c for c, _ in hard], dtype=np.int64)
+        for c in class_cycle.take_skipping(n_classes - slot, hard_classes):
+            batch[slot * k:(slot + 1) * k] = items_of(int(c))
+            slot += 1
         yield batch
 
 
@@ -117,12 +351,16 @@ def balanced_batches(
     n_samples_per_class: int,
     seed: int,
     skip_batches: int = 0,
+    hard_negatives: np.ndarray | None = None,
+    hard_negative_share: float = 0.0,
 ):
     """An endless `tf.data.Dataset` of (features float32 (P*K, d), labels int32 (P*K,)).
 
     Every iteration of the dataset restarts the same seeded stream. `skip_batches`
     starts the stream that many batches in (a resumed training run sees the batches
-    it would have seen had it not been interrupted).
+    it would have seen had it not been interrupted). With `hard_negatives` (rows
+    index `labels`, as baseline_hard_negatives returns) and a positive
+    `hard_negative_share`, batches come from hard_negative_batch_indices.
     """
     import tensorflow as tf
 
@@ -132,17 +370,26 @@ def balanced_batches(
         raise ValueError(f"features must be (n, d) with one label per row; got {features.shape} and {labels.shape}")
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    if hard_negatives is None and hard_negative_share != 0:
+        raise ValueError(f"hard_negative_share={hard_negative_share} needs hard_negatives")
     # Validate (and warn) now, not when Keras first pulls a batch.
-    probe = balanced_batch_indices(labels, n_classes_per_batch, n_samples_per_class, seed)
+    if hard_negatives is None:
+        probe = balanced_batch_indices(labels, n_classes_per_batch, n_samples_per_class, seed)
+    else:
+        probe = hard_negative_batch_indices(labels, hard_negatives, hard_negative_share, n_classes_per_batch,
+                                            n_samples_per_class, seed)
+        hard_negatives = np.asarray(hard_negatives, dtype=np.int64)
     batch_size = next(probe).size
+    n_classes = batch_size // n_samples_per_class
+    n_hard = _hard_slot_count(hard_negative_share, n_classes)
     features32 = features.astype(np.float32, copy=False)
     labels32 = labels.astype(np.int32)
 
     def generate():
         import itertools
 
-        batches = _generate(labels, split_usable_classes(labels)[0], batch_size // n_samples_per_class,
-                            n_samples_per_class, seed)
+        batches = _generate(labels, split_usable_classes(labels)[0], n_classes, n_samples_per_class, seed,
+                            hard_negatives=hard_negatives, n_hard=n_hard)
         for rows in itertools.islice(batches, skip_batches, None):
             # Gathering in numpy keeps the arrays out of the TensorFlow graph, whose
             # constants are limited to 2 GB.

@@ -18,13 +18,19 @@ The validation items are the "val" split when it has at least two classes with t
 or more items; otherwise a seeded share of the training classes is held out
 (class-disjoint, as in the unseen-class protocol) and trained on by no one.
 
-Mixed precision is not used in head mode: the head is a single Dense layer trained
-on CPU-sized feature arrays, where float16 buys nothing (and CPUs have no fast
-float16 path). The head ends in L2Normalize, which computes in float32, so a
-future fine-tune mode under `mixed_float16` still gets float32 embeddings.
+Mixed precision (`train.mixed_precision`) computes the head in float16 on GPUs; the
+losses and the final L2Normalize compute in float32, so embeddings and similarities
+never round in float16. tf.distribute (pipeline/distribute.py): the model is built
+and compiled under the strategy's scope, every replica gets a slice of each P x K
+batch, and the losses gather the global batch back.
+
+Positive pairs are items of one class (`train.positives: label`) or of one group
+(`group`: an original and its variants); batches can be seeded with the negatives
+the phase-1 baseline ranks highest (`train.hard_negative_share`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -41,6 +47,7 @@ import numpy as np
 
 from . import atomic
 from .config import ConfigError, RunConfig, TrainConfig
+from .distribute import distribute_global_batches, training_strategy, xla_supported
 from .extract import PhaseInputError
 from .run_dir import RunDir, backbone_tag, fingerprint_of
 
@@ -51,6 +58,8 @@ VAL_METRICS = ("P@1", "MAP@R")
 _RESUME_STAMP = "resume.json"
 # Settings head mode ignores; kept out of its fingerprint so that adding them left finished heads up to date.
 FINETUNE_ONLY = ("finetune_layers", "finetune_learning_rate", "augment")
+# Settings that do not change what is learnt (the same global batches on any number of devices).
+NOT_FINGERPRINTED = ("devices",)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -81,6 +90,11 @@ def run_train(config: RunConfig, force: bool = False, *, extra_callbacks: Sequen
         raise ConfigError("train.finetune_layers must be >= 0 and train.finetune_learning_rate positive")
 
     run_dir = RunDir(config)
+    with dtype_policy("mixed_float16" if settings.mixed_precision else "float32"):
+        return _train_all(config, run_dir, settings, force, extra_callbacks)
+
+
+def _train_all(config: RunConfig, run_dir: RunDir, settings: TrainConfig, force: bool, extra_callbacks) -> list[Path]:
     outputs = []
     if settings.mode == "finetune":
         from .finetune import train_finetune
@@ -106,8 +120,21 @@ def run_train(config: RunConfig, force: bool = False, *, extra_callbacks: Sequen
                     continue
                 images, features = probe_batch(run_dir, phase1["items"], phase1["features"],
                                                phase1["meta"]["image_size"])
-                export_embedding_model(run_dir, backbone, loss_name, phase1["meta"], images, features)
+                # The backbone is exported as phase 1 ran it, in float32.
+                with dtype_policy("float32"):
+                    export_embedding_model(run_dir, backbone, loss_name, phase1["meta"], images, features)
     return outputs
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    """Keras's global dtype policy set to `name` inside the block, restored after."""
+    previous = keras.mixed_precision.global_policy().name
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def load_phase1_features(emb_dir: Path) -> dict:
@@ -129,12 +156,35 @@ def load_phase1_features(emb_dir: Path) -> dict:
 
 # --------------------------------------------------------------------------- data
 
-def split_train_val(items, settings: TrainConfig) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Row indices to train on, to validate on, and a description of the protocol."""
+def pair_keys(items, settings: TrainConfig) -> np.ndarray:
+    """Per item, the integer key that makes two items positives: the class label, or the group.
+
+    With `positives: group`, items without a group form a group of their own (and,
+    having no positive, are left out of the batches by the sampler).
+    """
+    if settings.positives == "label":
+        return items["label"].to_numpy()
+    groups = items["group"].astype(str).to_numpy() if "group" in items else np.array([""] * len(items))
+    if not (groups != "").any():
+        raise PhaseInputError("train.positives is 'group' but no item has a group: give the source a 'group' "
+                              "column (original and variants share one), or use train.positives=label")
+    named = np.unique(groups[groups != ""], return_inverse=True)[1]
+    keys = np.empty(len(groups), dtype=np.int64)
+    keys[groups != ""] = named
+    # Ungrouped items get keys after the named groups, one each.
+    keys[groups == ""] = named.max(initial=-1) + 1 + np.arange(int((groups == "").sum()))
+    return keys
+
+
+def split_train_val(items, settings: TrainConfig, keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Row indices to train on, to validate on, and a description of the protocol.
+
+    `keys` (default: the labels) decide which validation items are positives of each other.
+    """
     from .sampler import split_usable_classes
 
     splits = items["split"].to_numpy()
-    labels = items["label"].to_numpy()
+    labels = items["label"].to_numpy() if keys is None else np.asarray(keys)
     train_rows = np.flatnonzero(splits == "train")
     if train_rows.size == 0:
         raise PhaseInputError(f"no items in split 'train' (splits present: {sorted(set(splits))}): "
@@ -275,7 +325,8 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     out = run_dir.train_dir(tag, loss_name)
     loss_params = dict(settings.loss_params.get(loss_name, {}) or {})
     # Other losses and their parameters do not change this model, so they are not part of its fingerprint.
-    shared = {k: v for k, v in asdict(settings).items() if k not in ("losses", "loss_params", *FINETUNE_ONLY)}
+    shared = {k: v for k, v in asdict(settings).items()
+              if k not in ("losses", "loss_params", *FINETUNE_ONLY, *NOT_FINGERPRINTED)}
     meta = phase1["meta"]
     fingerprint = fingerprint_of({"features": meta.get("fingerprint"), "created": meta.get("created"),
                                 "train": shared, "loss": loss_name, "loss_params": loss_params})
@@ -294,13 +345,13 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
         _write_history(history_path, previous)
 
     items, features = phase1["items"], phase1["features"]
-    train_rows, val_rows, validation = split_train_val(items, settings)
-    labels = items["label"].to_numpy()
+    labels = pair_keys(items, settings)
+    train_rows, val_rows, validation = split_train_val(items, settings, labels)
     train_labels = labels[train_rows]
     usable, single = split_usable_classes(train_labels)
     if usable.size < 2:
-        raise PhaseInputError(f"{tag}: training needs at least 2 classes with 2 or more training items; "
-                              f"found {usable.size}")
+        raise PhaseInputError(f"{tag}: training needs at least 2 {settings.positives}s with 2 or more training "
+                              f"items; found {usable.size}")
 
     loss = losses_lib.get_loss(loss_name, **loss_params)
     with_classifier = bool(getattr(loss, "requires_classifier", False))
@@ -309,27 +360,39 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
         # The classifier's logits are indexed 0..C-1, whatever the dataset's labels are.
         train_labels = np.searchsorted(train_classes, train_labels)
 
+    strategy = training_strategy(settings.devices)
+    jit_compile = _effective_jit(settings, strategy)
     keras.utils.set_random_seed(settings.seed)
-    head = build_embedding_head(features.shape[1], settings.embedding_dim)
-    if with_classifier:
-        from models.classifier import CosineClassifier
+    with strategy.scope():
+        head = build_embedding_head(features.shape[1], settings.embedding_dim)
+        if with_classifier:
+            from models.classifier import CosineClassifier
 
-        inputs = keras.Input(shape=(features.shape[1],), name="features")
-        logits = CosineClassifier(len(train_classes), name="cosine_classifier")(head(inputs))
-        model = keras.Model(inputs, logits, name=f"{head.name}_with_classifier")
-        metrics = []
-    else:
-        model = head
-        metrics = [losses_lib.triplet_accuracy]
-    model.compile(optimizer=keras.optimizers.AdamW(learning_rate=settings.learning_rate,
-                                                   weight_decay=settings.weight_decay),
-                  loss=loss, metrics=metrics, jit_compile=settings.jit_compile)
+            inputs = keras.Input(shape=(features.shape[1],), name="features")
+            logits = CosineClassifier(len(train_classes), name="cosine_classifier")(head(inputs))
+            model = keras.Model(inputs, logits, name=f"{head.name}_with_classifier")
+            metrics = []
+        else:
+            model = head
+            metrics = [losses_lib.triplet_accuracy]
+        model.compile(optimizer=keras.optimizers.AdamW(learning_rate=settings.learning_rate,
+                                                       weight_decay=settings.weight_decay),
+                      loss=loss, metrics=metrics, jit_compile=jit_compile)
 
     n_classes = min(settings.n_classes_per_batch, usable.size)
     batch_size = n_classes * settings.n_samples_per_class
     steps = settings.steps_per_epoch or math.ceil(len(train_rows) / batch_size)
-    dataset = balanced_batches(features[train_rows], train_labels, settings.n_classes_per_batch,
-                               settings.n_samples_per_class, settings.seed, skip_batches=resume_epoch * steps)
+    hard_negatives = _hard_negatives(features[train_rows], train_labels, settings)
+
+    def rows_of_each_batch(first: int, count: int):
+        ds = balanced_batches(features[train_rows], train_labels, settings.n_classes_per_batch,
+                              settings.n_samples_per_class, settings.seed, skip_batches=resume_epoch * steps,
+                              hard_negatives=hard_negatives, hard_negative_share=settings.hard_negative_share)
+        if count == batch_size:
+            return ds
+        return ds.map(lambda x, y: (x[first:first + count], y[first:first + count]))
+
+    dataset = distribute_global_batches(strategy, rows_of_each_batch, batch_size)
 
     validator = RetrievalValidation(head, features[val_rows], labels[val_rows])
     callbacks = _callbacks(out, settings, validator, previous, extra_callbacks)
@@ -347,6 +410,7 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     summary = {
         "backbone": tag, "loss": loss_name, "loss_params": loss_params,
         "loss_config": _jsonable(loss.get_config()), "mode": settings.mode, "train": shared,
+        **runtime_summary(settings, strategy, jit_compile, hard_negatives),
         "requires_classifier": with_classifier, "n_classifier_classes": int(train_classes.size) if with_classifier
         else None,
         **progress,
@@ -367,6 +431,37 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
              out, summary["best_epoch"], summary["epochs_run"], summary["best_val"]["P@1"],
              summary["best_val"]["MAP@R"], validator.initial["P@1"], validator.initial["MAP@R"])
     return out
+
+
+def _effective_jit(settings: TrainConfig, strategy) -> bool:
+    if settings.jit_compile and not xla_supported(strategy):
+        log.info("phase 3: XLA is off: TensorFlow cannot XLA-compile a step mirrored over several CPU devices")
+        return False
+    return settings.jit_compile
+
+
+def _hard_negatives(embeddings: np.ndarray, keys: np.ndarray, settings: TrainConfig) -> np.ndarray | None:
+    """Each training item's top-ranked negatives under the phase-1 baseline (None when not seeding)."""
+    if settings.hard_negative_share <= 0:
+        return None
+    from .sampler import baseline_hard_negatives
+
+    started = time.perf_counter()
+    ranked = baseline_hard_negatives(embeddings, keys, n_negatives=settings.hard_negatives_per_item)
+    log.info("phase 3: ranked the baseline's %d hardest negatives of %d training items in %.1f s",
+             settings.hard_negatives_per_item, len(keys), time.perf_counter() - started)
+    return ranked
+
+
+def runtime_summary(settings: TrainConfig, strategy, jit_compile: bool, hard_negatives) -> dict:
+    """training.json fields on how the run was executed and batched."""
+    return {
+        "distribution": {"strategy": type(strategy).__name__, "replicas": int(strategy.num_replicas_in_sync)},
+        "mixed_precision": settings.mixed_precision, "jit_compile": bool(jit_compile),
+        "positives": settings.positives,
+        "hard_negatives": None if hard_negatives is None else {
+            "share": settings.hard_negative_share, "per_item": int(hard_negatives.shape[1])},
+    }
 
 
 def fit_checked(model, dataset, steps: int, epochs: int, callbacks: list, out: Path, resume_epoch: int,

@@ -120,3 +120,88 @@ def test_augmented_batches_are_class_balanced():
     again = list(image_batches(np.array(encoded, dtype=object), np.array(labels), 24, 3, 4, seed=1,
                                augment=True).take(1).as_numpy_iterator())
     np.testing.assert_array_equal(again[0][0], batches[0][0])   # seeded: reproducible across runs
+
+
+def _tiny_encoded(n_classes: int = 5, per_class: int = 6, seed: int = 0):
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    encoded, labels = [], []
+    for label in range(n_classes):
+        for _ in range(per_class):
+            buffer = io.BytesIO()
+            side = int(rng.integers(20, 60))
+            Image.fromarray(rng.integers(0, 256, (side, side + 7, 3), dtype=np.uint8)).save(buffer, format="PNG")
+            encoded.append(buffer.getvalue())
+            labels.append(label)
+    return np.array(encoded, dtype=object), np.array(labels)
+
+
+def test_a_replica_slice_of_the_batches_is_that_slice_of_the_full_batches():
+    """Under tf.distribute each worker decodes only its rows; they must be exactly those rows,
+    augmentation included (it is seeded by the item's position in the global stream)."""
+    from pipeline.finetune import image_batches
+
+    encoded, labels = _tiny_encoded()
+    full = list(image_batches(encoded, labels, 24, 3, 4, seed=2, augment=True, skip_batches=1)
+                .take(3).as_numpy_iterator())
+    part = list(image_batches(encoded, labels, 24, 3, 4, seed=2, augment=True, skip_batches=1, first=4, count=6)
+                .take(3).as_numpy_iterator())
+    for (images, batch_labels), (part_images, part_labels) in zip(full, part):
+        np.testing.assert_array_equal(part_images, images[4:10])
+        np.testing.assert_array_equal(part_labels, batch_labels[4:10])
+
+
+def test_finetune_export_is_described_and_the_saved_model_serves_the_same_embeddings(finetuned_run):
+    import tensorflow as tf
+
+    out = finetuned_run / f"runs/f/train/{BASE}/triplet"
+    export = json.loads((out / "export.json").read_text())
+    assert export["image_size"] == 32 and export["checked_images"] > 0 and export["max_abs_error"] < 1e-4
+    assert export["output"].startswith("float32 [batch, 16]")
+    pixels = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    loaded = tf.saved_model.load(str(out / "saved_model"))
+    served = loaded.serve(tf.constant(pixels)).numpy()
+    model = keras.saving.load_model(out / "embedding_model.keras")
+    np.testing.assert_allclose(served, model.predict(pixels, verbose=0), atol=1e-5)
+
+
+def test_trunk_and_head_train_at_their_own_learning_rates(finetuned_run):
+    summary = json.loads((finetuned_run / f"runs/f/train/{BASE}/triplet/training.json").read_text())
+    assert summary["optimizer"]["head_learning_rate"] == 1e-3
+    assert summary["optimizer"]["backbone_learning_rate"] == 1e-4
+    assert summary["distribution"] == {"strategy": "_DefaultDistributionStrategy", "replicas": 1}
+
+
+def _finetune_config(finetuned_run, runs_dir, **train):
+    from pipeline.config import load_config
+
+    overrides = [f"runs_dir={runs_dir}", "train.losses=arcface", "train.epochs=3", "train.steps_per_epoch=2"]
+    overrides += [f"train.{key}={value}" for key, value in train.items()]
+    return load_config(str(finetuned_run / "runs/f/config.yaml"), overrides)
+
+
+def test_arcface_finetuning_resumes_where_it_stopped(finetuned_run):
+    from pipeline.train import run_train
+    from tests.test_train import _Interrupt, _RecordEpochs
+
+    config = _finetune_config(finetuned_run, finetuned_run / "runs_resume")
+    out = finetuned_run / f"runs_resume/f/train/{BASE}/arcface"
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config, extra_callbacks=[_Interrupt(after_epoch=1)])
+    assert (out / "backup").is_dir() and not (out / "training.json").exists()
+
+    recorder = _RecordEpochs()
+    run_train(config, extra_callbacks=[recorder])
+    assert recorder.epochs == [1, 2]
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["resumed_from_epoch"] == 1 and summary["requires_classifier"]
+    model = keras.saving.load_model(out / "embedding_model.keras")
+    assert "cosine_classifier" not in [layer.name for layer in model.layers]
+    assert model.output.shape[-1] == 16
+
+    (straight,) = run_train(_finetune_config(finetuned_run, finetuned_run / "runs_straight"))
+    np.testing.assert_allclose(pd.read_csv(out / "history.csv")[["loss", "val_MAP@R"]],
+                               pd.read_csv(straight / "history.csv")[["loss", "val_MAP@R"]], rtol=1e-4, atol=1e-6)

@@ -42,12 +42,14 @@ def clustered_features(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return features.astype(np.float32), labels, splits
 
 
-def write_phase1(runs_dir: Path, features: np.ndarray, labels: np.ndarray, splits: np.ndarray) -> Path:
+def write_phase1(runs_dir: Path, features: np.ndarray, labels: np.ndarray, splits: np.ndarray,
+                 groups=None) -> Path:
     out = runs_dir / "t" / "embeddings" / TAG
     n = len(labels)
     items = pd.DataFrame({"row": np.arange(n), "split": splits, "id": [f"item{i:04d}" for i in range(n)],
                           "label": labels, "label_name": [f"class_{c}" for c in labels],
-                          "path": [f"img/{i}.png" for i in range(n)], "text": "", "group": ""})
+                          "path": [f"img/{i}.png" for i in range(n)], "text": "",
+                          "group": "" if groups is None else groups})
     out.mkdir(parents=True, exist_ok=True)
     items.to_csv(out / "items.csv", index=False)
     np.save(out / "features_raw.npy", features)
@@ -333,3 +335,39 @@ def test_missing_phase1_and_missing_phase0_for_finetune_are_clear_errors(tmp_pat
     finetune.data.tfrecords_dir = str(tmp_path / "tfrecords")
     with pytest.raises(PhaseInputError, match="phase0"):
         run_train(finetune)
+
+
+# --------------------------------------------------------------------------- positives and hard negatives
+
+def test_pair_keys_by_label_or_by_group():
+    from pipeline.train import pair_keys
+
+    items = pd.DataFrame({"label": [5, 5, 7, 7, 7], "group": ["a", "b", "a", "", ""]})
+    np.testing.assert_array_equal(pair_keys(items, TrainConfig(positives="label")), [5, 5, 7, 7, 7])
+    keys = pair_keys(items, TrainConfig(positives="group"))
+    assert keys[0] == keys[2] and len(set(keys[[0, 1, 3, 4]])) == 4, "ungrouped items are groups of their own"
+    with pytest.raises(PhaseInputError, match="no item has a group"):
+        pair_keys(items.assign(group=""), TrainConfig(positives="group"))
+
+
+def test_group_positives_train_on_groups(tmp_path, data):
+    features, labels, splits = data
+    # Three consecutive items of a class form a group (an "original and its variants").
+    groups = np.array([f"g{i // 3}" for i in range(len(labels))])
+    runs = tmp_path / "runs"
+    write_phase1(runs, features, labels, splits, groups=groups)
+    (out,) = run_train(make_config(runs, epochs=2, steps_per_epoch=3, positives="group"))
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["positives"] == "group"
+    assert summary["n_train_classes"] == len(set(groups[splits == "train"])) == N_CLASSES * 6
+    assert summary["validation"]["n_classes"] == len(set(groups[splits == "val"]))
+
+
+def test_hard_negative_batches_train_and_are_recorded(tmp_path, data):
+    runs = tmp_path / "runs"
+    write_phase1(runs, *data)
+    (out,) = run_train(make_config(runs, epochs=2, steps_per_epoch=3, hard_negative_share=0.5,
+                                   hard_negatives_per_item=5))
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["hard_negatives"] == {"share": 0.5, "per_item": 5}
+    assert np.isfinite(summary["best_val"]["MAP@R"])

@@ -59,6 +59,31 @@ def table_rows(models: list[dict]) -> list[dict]:
     return rows
 
 
+def training_rows(config: RunConfig, models: list[dict]) -> list[dict]:
+    """How each trained model was trained, from its training.json (models without one are skipped)."""
+    run_dir = RunDir(config)
+    rows = []
+    for model in models:
+        if model["loss"] == PRETRAINED:
+            continue
+        path = run_dir.train_dir(model["backbone"], model["loss"]) / "training.json"
+        if not path.is_file():
+            continue
+        t = atomic.read_json(path)
+        hard = t.get("hard_negatives") or {}
+        rows.append({
+            "backbone": model["backbone"], "loss": model["loss"], "mode": t.get("mode", "head"),
+            "positives": t.get("positives", "label"), "hard_negative_share": hard.get("share", 0.0),
+            "epochs_run": t.get("epochs_run"), "best_epoch": t.get("best_epoch"),
+            "val_MAP@R_before": (t.get("initial_val") or {}).get("MAP@R"),
+            "val_MAP@R_best": (t.get("best_val") or {}).get("MAP@R"),
+            "steps_per_second": t.get("steps_per_second"), "replicas": (t.get("distribution") or {}).get("replicas", 1),
+            "mixed_precision": bool(t.get("mixed_precision", False)),
+            "batch": f"{t['batch']['n_classes']}×{t['batch']['n_samples_per_class']}" if t.get("batch") else "",
+        })
+    return rows
+
+
 def _score(model: dict, variant: str = "unit/cosine", metric: str = "MAP@R") -> float:
     return float(model["metrics"]["retrieval"][variant][metric])
 
@@ -173,7 +198,8 @@ def run_compare(config: RunConfig, command: str = "") -> Path:
     with atomic.atomic_open(report_dir / "comparison.csv", "w", encoding="utf-8", newline="") as f:
         pd.DataFrame(rows).to_csv(f, index=False, float_format="%.4f")
     qa = answers(models)
-    atomic.write_json(report_dir / "comparison.json", {"rows": rows, "answers": qa})
+    training = training_rows(config, models)
+    atomic.write_json(report_dir / "comparison.json", {"rows": rows, "answers": qa, "training": training})
 
     bars = {f"{m['backbone']} · {m['loss']}": m["metrics"]["retrieval"]["unit/cosine"] for m in models}
     plot_metric_bars(bars, ["P@1", "P@k", "R@k", "mAP", "MAP@R"], img / "metric_bars.png",
@@ -193,7 +219,7 @@ def run_compare(config: RunConfig, command: str = "") -> Path:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), autoescape=True)
     html = env.get_template("compare.html.j2").render(
         run=config.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=command,
-        rows=rows, answers=qa, k=k, metrics=METRICS, diagnostics=DIAGNOSTICS,
+        rows=rows, answers=qa, k=k, metrics=METRICS, diagnostics=DIAGNOSTICS, training=training,
         bars="img/compare/metric_bars.png", pictures=pictures,
         protocol=models[0]["metrics"]["protocol"],
         best={name: max((r[name] for r in rows if r[name] is not None), default=None) for name in METRICS},

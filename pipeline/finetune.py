@@ -163,7 +163,8 @@ def plain_images(encoded: np.ndarray, image_size: int, batch_size: int = 64):
 
 # --------------------------------------------------------------------------- model
 
-def build_finetune_model(backbone: BackboneConfig, embedding_dim: int, finetune_layers: int):
+def build_finetune_model(backbone: BackboneConfig, embedding_dim: int, finetune_layers: int,
+                         synchronized_bn: bool = False):
     """(image-level embedding model, the trunk, image size) with only the trunk's last layers trainable.
 
     The head's layers are applied at the model's top level (not as a nested model) so
@@ -184,7 +185,7 @@ def build_finetune_model(backbone: BackboneConfig, embedding_dim: int, finetune_
         # with training=False, so BN also normalises with its stored statistics in training.
         layer.trainable = id(layer) in trainable and not isinstance(layer, keras.layers.BatchNormalization)
 
-    head = build_embedding_head(extractor.dim, embedding_dim)
+    head = build_embedding_head(extractor.dim, embedding_dim, synchronized_bn=synchronized_bn)
     x = extractor.model.output["pooled"]
     for layer in head.layers[1:]:
         x = layer(x)
@@ -263,8 +264,9 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
     jit_compile = _effective_jit(settings, strategy)
     keras.utils.set_random_seed(settings.seed)
     with strategy.scope():
-        embedding_model, trunk, extractor = build_finetune_model(backbone_cfg, settings.embedding_dim,
-                                                                 settings.finetune_layers)
+        embedding_model, trunk, extractor = build_finetune_model(
+            backbone_cfg, settings.embedding_dim, settings.finetune_layers,
+            synchronized_bn=strategy.num_replicas_in_sync > 1)
         if with_classifier:
             from models.classifier import CosineClassifier
 

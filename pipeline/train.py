@@ -364,7 +364,8 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     jit_compile = _effective_jit(settings, strategy)
     keras.utils.set_random_seed(settings.seed)
     with strategy.scope():
-        head = build_embedding_head(features.shape[1], settings.embedding_dim)
+        head = build_embedding_head(features.shape[1], settings.embedding_dim,
+                                    synchronized_bn=strategy.num_replicas_in_sync > 1)
         if with_classifier:
             from models.classifier import CosineClassifier
 

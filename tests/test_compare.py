@@ -94,3 +94,16 @@ def test_export_reproduces_phase4_embeddings_from_raw_images(tmp_path):
     np.testing.assert_allclose(served, expected, atol=1e-4)
     reloaded = keras.saving.load_model(out / "embedding_model.keras")
     np.testing.assert_allclose(reloaded.predict(pixels.numpy(), verbose=0), expected, atol=1e-4)
+
+
+def test_comparison_says_how_each_model_was_trained(compared_run):
+    data = json.loads((compared_run / "reports/c/comparison.json").read_text())
+    training = {t["loss"]: t for t in data["training"]}
+    assert set(training) == {"triplet", "arcface"}
+    for t in training.values():
+        summary = json.loads((compared_run / f"runs/c/train/mobilenet-a0.25-32-none/{t['loss']}/training.json")
+                             .read_text())
+        assert t["mode"] == "head" and t["positives"] == "label" and t["replicas"] == 1
+        assert t["epochs_run"] == summary["epochs_run"] == 3 and t["batch"] == "4×4"
+        assert t["val_MAP@R_best"] == summary["best_val"]["MAP@R"]
+    assert "How each model was trained" in (compared_run / "reports/c/comparison.html").read_text()

@@ -1,7 +1,9 @@
-"""tf.distribute: batch losses on two mirrored replicas equal one device on the same global batch.
+"""tf.distribute: batch losses on two replicas equal one device on the same global batch.
 
-The check runs in a subprocess (tests/two_replica_check.py) because the CPU can only be
-split into two logical devices before TensorFlow initialises.
+Two set-ups, each in fresh processes (TensorFlow's devices and cluster are fixed when it starts):
+  * MirroredStrategy over two logical CPU devices of one process (tests/two_replica_check.py);
+  * MultiWorkerMirroredStrategy over two worker processes on localhost, from TF_CONFIG
+    (tests/two_worker_check.py).
 """
 from __future__ import annotations
 
@@ -15,16 +17,56 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+LOSS_CASES = ["triplet", "triplet_batch_all", "triplet_batch_hard", "contrastive", "contrastive_softmax", "arcface",
+              "multisimilarity", "supcon", "infonce"]
+
+
+def _result(stdout: str, stderr: str, returncode: int, what: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert returncode == 0 and lines, f"{what} failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+    env = {key: value for key, value in ENV.items() if key != "TF_CONFIG"}
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "two_replica_check.py")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, f"two-replica check failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    return _result(done.stdout, done.stderr, done.returncode, "two-replica check")
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("localhost", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def worker_reports() -> list[dict]:
+    workers = [f"localhost:{port}" for port in _free_ports(2)]
+    processes = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        processes.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "two_worker_check.py")], cwd=ROOT,
+                                          env={**ENV, "TF_CONFIG": json.dumps(tf_config)}, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    reports = []
+    try:
+        for index, process in enumerate(processes):
+            stdout, stderr = process.communicate(timeout=600)
+            reports.append(_result(stdout, stderr, process.returncode, f"worker {index}"))
+    finally:
+        for process in processes:
+            process.kill()
+    return reports
 
 
 def test_two_logical_cpu_replicas_are_used(report):
@@ -32,13 +74,23 @@ def test_two_logical_cpu_replicas_are_used(report):
     assert report["training"]["replicas_one"] == 1 and report["training"]["replicas_two"] == 2
 
 
-@pytest.mark.parametrize("case", ["triplet", "triplet_batch_all", "triplet_batch_hard", "contrastive",
-                                  "contrastive_softmax", "arcface", "multisimilarity", "supcon", "infonce"])
-def test_loss_and_gradients_match_one_device_on_the_global_batch(report, case):
-    r = report["losses"][case]
+def _assert_matches_one_device(r: dict) -> None:
     assert r["loss_two"] == pytest.approx(r["loss_one"], rel=1e-5, abs=1e-6)
     assert r["max_grad_diff"] <= 1e-5 * max(1.0, r["max_grad"])
     assert r["accuracy_two"] == pytest.approx(r["accuracy_one"], abs=1e-6)
+
+
+@pytest.mark.parametrize("case", LOSS_CASES)
+def test_loss_and_gradients_match_one_device_on_the_global_batch(report, case):
+    _assert_matches_one_device(report["losses"][case])
+
+
+@pytest.mark.parametrize("case", LOSS_CASES)
+def test_two_workers_from_tf_config_match_one_device(worker_reports, case):
+    for worker in worker_reports:
+        assert worker["strategy"] == "CollectiveAllReduceStrategy"   # MultiWorkerMirroredStrategy's class
+        assert worker["losses"]["replicas"] == 2
+        _assert_matches_one_device(worker["losses"][case])
 
 
 @pytest.mark.parametrize("case", ["triplet", "contrastive", "supcon", "infonce", "multisimilarity"])

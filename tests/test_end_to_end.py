@@ -192,3 +192,34 @@ def test_random_fallback_is_redone_once_weights_arrive(tmp_path, monkeypatch):
     assert cli.main(["phase1", *args]) == 0
     assert loaded and loaded[0].endswith("mobilenet_2_5_224_tf_no_top.h5")
     assert json.loads(meta_path.read_text())["weights_loaded"] == "imagenet"
+
+
+def test_group_positives_from_a_csv_source_end_to_end(tmp_path):
+    """Originals and their variants (a CSV 'group' column) through phases 0, 1 and 3 with --positives group."""
+    from PIL import Image
+
+    images = make_class_folder(tmp_path / "images", n_classes=3, per_class=6, size=32)
+    rows = []
+    for original in sorted(images.rglob("*.png")):
+        group = f"{original.parent.name}/{original.stem}"
+        rows.append((original, original.parent.name, group))
+        # A variant of the original: mirrored, as a generated or edited copy would be.
+        variant = original.with_name(original.stem + "_variant.png")
+        Image.open(original).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(variant)
+        rows.append((variant, original.parent.name, group))
+    csv = tmp_path / "items.csv"
+    csv.write_text("path,label,group\n" + "".join(f"{p},{label},{g}\n" for p, label, g in rows))
+    args = ["--run", "g", "--set", f"runs_dir={tmp_path}/runs", "--set", f"reports_dir={tmp_path}/reports",
+            "--set", f"data.tfrecords_dir={tmp_path}/tfrecords", "--set", "extract.backbones.0.alpha=0.25",
+            "--set", "extract.backbones.0.image_size=32", "--set", "extract.backbones.0.weights=none",
+            "--set", "train.embedding_dim=8", "--set", "train.n_classes_per_batch=4",
+            "--set", "train.n_samples_per_class=2", "--set", "train.steps_per_epoch=2", "--set", "train.export=false"]
+    assert cli.main(["phase0", "--source", str(csv), *args]) == 0
+    manifest = pd.read_csv(next((tmp_path / "tfrecords").glob("*/manifest.csv")), keep_default_na=False)
+    assert (manifest.groupby("group")["split"].nunique() == 1).all(), "a group never straddles splits"
+    assert cli.main(["phase1", *args]) == 0
+    assert cli.main(["phase3", "--positives", "group", "--loss", "triplet", "--epochs", "2", *args]) == 0
+    summary = json.loads(next((tmp_path / "runs/g/train").glob("*/triplet/training.json")).read_text())
+    assert summary["positives"] == "group"
+    train_groups = manifest.loc[manifest["split"] == "train", "group"].nunique()
+    assert summary["n_train_classes"] == train_groups

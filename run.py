@@ -125,9 +125,15 @@ def config_from_args(args):
         if unknown:
             raise SystemExit(f"error: unknown backbone(s) {unknown}; known: {', '.join(sorted(BACKBONES))}")
         template = config.extract.backbones[0]
-        config.extract.backbones = [
-            BackboneConfig(name=n, weights=template.weights, weights_fallback=template.weights_fallback,
-                           alpha=template.alpha if n == "mobilenet" else 1.0) for n in names]
+        chosen = []
+        for n in names:
+            # A backbone the configuration already describes keeps its settings (a saved run's
+            # image size, alpha, weights); a new one starts from the first's weights.
+            known = [b for b in config.extract.backbones if b.name == n]
+            chosen += known or [BackboneConfig(name=n, weights=template.weights,
+                                               weights_fallback=template.weights_fallback,
+                                               alpha=template.alpha if n == "mobilenet" else 1.0)]
+        config.extract.backbones = chosen
     for backbone in config.extract.backbones:
         if getattr(args, "weights", None) is not None:
             backbone.weights = args.weights

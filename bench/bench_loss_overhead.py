@@ -6,7 +6,8 @@ the phase-3 finetune model (MobileNet 0.25 trunk with its last 20 layers trainab
 on P×K batches of synthetic images held in memory (decoding is not timed). The baseline
 adds a Dense softmax classifier trained with sparse categorical cross-entropy. Every model is built and warmed up first, then
 timed runs alternate across models (median of `--repeats`). Overhead = baseline steps/s
-÷ loss steps/s − 1 (goal < 10 %).
+÷ loss steps/s − 1 (goal < 10 %), from the medians and from the best runs (on a shared
+machine the best run is the one least disturbed by other jobs).
 
     python bench/bench_loss_overhead.py [--dim 256 --classes 50 --steps 200 --repeats 5] [--jit]
     python bench/bench_loss_overhead.py --mode finetune --size 128 --steps 20 --repeats 3 --jit
@@ -101,10 +102,13 @@ def main() -> None:
     what = f"features {args.dim}-d" if args.mode == "head" else f"finetune, MobileNet 0.25 @{args.size} px"
     print(f"\n{what}, batch {args.p}×{args.k}, {args.steps} steps × {args.repeats} alternating runs"
           f"{', XLA' if args.jit else ''}")
-    print("| loss | steps/s (median) | overhead vs softmax CE | runs |\n|---|---:|---:|---|")
+    best_base = max(rates["softmax_ce"])
+    print("| loss | steps/s (median) | overhead (medians) | steps/s (best run) | overhead (best runs) | runs |")
+    print("|---|---:|---:|---:|---:|---|")
     for name, values in rates.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.1f} | {base / median - 1:+.1%} | {', '.join(f'{v:.0f}' for v in values)} |")
+        median, best = statistics.median(values), max(values)
+        print(f"| {name} | {median:.2f} | {base / median - 1:+.1%} | {best:.2f} | {best_base / best - 1:+.1%} "
+              f"| {', '.join(f'{v:.2f}' for v in values)} |")
 
 
 if __name__ == "__main__":

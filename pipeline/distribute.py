@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Callable, Sequence
 
 log = logging.getLogger("embedlab.distribute")
@@ -50,7 +51,7 @@ def _new_strategy(tf_config: str, devices: Sequence[str]):
             cluster = json.loads(tf_config).get("cluster", {})
         except ValueError as err:
             raise ValueError(f"TF_CONFIG is not valid JSON: {err}") from None
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = _multi_worker_strategy_class()()
         log.info("distribute: MultiWorkerMirroredStrategy over %d worker(s), %d replica(s) in sync",
                  len(cluster.get("worker", [])), strategy.num_replicas_in_sync)
         return strategy
@@ -66,6 +67,31 @@ def _new_strategy(tf_config: str, devices: Sequence[str]):
     return tf.distribute.get_strategy()
 
 
+def _multi_worker_strategy_class():
+    import tensorflow as tf
+
+    class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+        """`reduce` as Keras's fit needs it (Keras 3.15, TensorFlow 2.21).
+
+        Keras reduces the first (x, y) batch to learn its shapes, which the collective
+        strategy refuses for a tuple (it takes one value); and it averages each scalar
+        metric over the workers with axis=0, which a scalar has not. Here nested values
+        are reduced leaf by leaf, and scalars across replicas only (axis=None).
+        """
+
+        def reduce(self, reduce_op, value, axis):
+            parent = super()
+
+            def reduce_leaf(leaf):
+                sample = leaf.values[0] if isinstance(leaf, tf.distribute.DistributedValues) else leaf
+                rank = getattr(getattr(sample, "shape", None), "rank", None)
+                return parent.reduce(reduce_op, leaf, None if rank == 0 else axis)
+
+            return tf.nest.map_structure(reduce_leaf, value)
+
+    return MultiWorkerMirroredStrategy
+
+
 def replicas(strategy) -> int:
     return int(strategy.num_replicas_in_sync)
 
@@ -73,17 +99,41 @@ def replicas(strategy) -> int:
 def check_divisible(global_batch_size: int, strategy) -> None:
     n = replicas(strategy)
     if global_batch_size % n:
-        raise ValueError(f"a batch of {global_batch_size} (n_classes_per_batch x n_samples_per_class) does not split "
-                         f"evenly over {n} replicas; choose P x K divisible by {n}")
+        raise ValueError(f"a batch of {global_batch_size} items (P classes x K samples, P capped at the number of "
+                         f"usable classes) does not split evenly over {n} replicas; choose P x K divisible by {n}")
 
 
 def xla_supported(strategy) -> bool:
-    """False for several replicas on CPU devices: XLA's CPU clusters cannot read a variable
-    mirrored onto another logical CPU device (a TensorFlow limitation, not ours)."""
-    if replicas(strategy) == 1:
+    """XLA-compiled train steps on one replica only.
+
+    On several CPU devices TensorFlow cannot compile them (an XLA CPU cluster cannot
+    read a variable mirrored onto another device); on several GPUs jit_compile with
+    MirroredStrategy has open TensorFlow/Keras reports of failures and is untested
+    here, so it is not risked.
+    """
+    return replicas(strategy) == 1
+
+
+def is_chief(strategy) -> bool:
+    """True except on the non-chief workers of a multi-worker cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
         return True
-    devices = getattr(strategy.extended, "worker_devices", ())
-    return not any("CPU" in d.upper().rsplit("/", 1)[-1] for d in devices)
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
+                                              and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def worker_output_dir(out: Path, strategy) -> Path:
+    """Where this process writes a model's training files.
+
+    Every worker of a cluster runs the same training; only the chief writes the real
+    folder, the others a scratch folder of their own inside it (checkpoints and backups
+    included, so that each can resume), which the chief's publication leaves alone.
+    """
+    if is_chief(strategy):
+        return out
+    resolver = strategy.cluster_resolver
+    return out / f".{resolver.task_type}-{resolver.task_id}"
 
 
 def distribute_global_batches(strategy, make_rows: Callable[[int, int], "object"], global_batch_size: int):

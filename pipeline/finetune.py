@@ -33,10 +33,11 @@ from . import atomic
 from .config import BackboneConfig, TrainConfig
 from .extract import PhaseInputError, load_dataset_meta
 from .run_dir import RunDir, fingerprint_of
-from .distribute import distribute_global_batches, training_strategy
-from .train import (NOT_FINGERPRINTED, _RESUME_STAMP, RetrievalValidation, _callbacks, _effective_jit, _hard_negatives, _jsonable,
+from .distribute import distribute_global_batches, training_strategy, worker_output_dir
+from .train import (_RESUME_STAMP, RetrievalValidation, _callbacks, _effective_jit, _hard_negatives, _jsonable,
                     _plot_curves, _prepare_output_dir, _read_history, _write_history, fit_checked, fit_summary,
-                    load_phase1_features, pair_keys, runtime_summary, split_train_val)
+                    fingerprinted_settings, load_phase1_features, pair_keys, runtime_summary, split_train_val,
+                    usable_training_rows)
 
 log = logging.getLogger("embedlab.finetune")
 
@@ -113,8 +114,11 @@ def image_batches(encoded: np.ndarray, labels: np.ndarray, image_size: int, n_cl
 
     labels = np.asarray(labels)
 
+    if hard_negative_share > 0 and hard_negatives is None:
+        raise ValueError("hard_negative_share > 0 needs the hard_negatives ranking")
+
     def batch_indices():
-        if hard_negatives is not None and hard_negative_share > 0:
+        if hard_negative_share > 0:
             return hard_negative_batch_indices(labels, hard_negatives, hard_negative_share, n_classes_per_batch,
                                                n_samples_per_class, seed)
         return balanced_batch_indices(labels, n_classes_per_batch, n_samples_per_class, seed)
@@ -218,17 +222,22 @@ def baseline_features(run_dir: RunDir, tag: str, ids: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- training
 
 def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss_name: str, settings: TrainConfig,
-                   force: bool = False, extra_callbacks: Sequence = ()) -> Path:
+                   strategy=None, force: bool = False, extra_callbacks: Sequence = ()) -> Path:
     from models import losses as losses_lib
 
-    from .sampler import split_usable_classes
-
-    out = run_dir.train_dir(tag, loss_name)
+    strategy = strategy or training_strategy(settings.devices)
+    out = worker_output_dir(run_dir.train_dir(tag, loss_name), strategy)
     loss_params = dict(settings.loss_params.get(loss_name, {}) or {})
-    shared = {k: v for k, v in asdict(settings).items() if k not in ("losses", "loss_params", *NOT_FINGERPRINTED)}
     dataset_meta = load_dataset_meta(run_dir)
-    fingerprint = fingerprint_of({"dataset": dataset_meta.get("fingerprint"), "backbone": asdict(backbone_cfg),
-                                  "train": shared, "loss": loss_name, "loss_params": loss_params})
+    inputs = {"dataset": dataset_meta.get("fingerprint"), "backbone": asdict(backbone_cfg),
+              "train": fingerprinted_settings(settings), "loss": loss_name, "loss_params": loss_params,
+              # Since the trunk has had its own learning rate; earlier runs trained both at one rate.
+              "optimizer": "ScaledAdamW"}
+    if settings.hard_negative_share > 0:
+        # The hard negatives come from the phase-1 features: a new phase 1 means new batches.
+        phase1_meta = run_dir.embeddings_dir(tag) / "meta.json"
+        inputs["phase1"] = atomic.read_json(phase1_meta).get("fingerprint") if phase1_meta.is_file() else None
+    fingerprint = fingerprint_of(inputs)
     summary_path = out / "training.json"
     if not force and summary_path.is_file() and atomic.read_json(summary_path).get("fingerprint") == fingerprint:
         log.info("phase 3: %s is up to date (use --force to redo)", out)
@@ -244,11 +253,8 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
     items, encoded = read_records(run_dir.dataset_dir)
     labels = pair_keys(items, settings)
     train_rows, val_rows, validation = split_train_val(items, settings, labels)
+    train_rows, single = usable_training_rows(train_rows, labels, settings, tag)
     train_labels = labels[train_rows]
-    usable, single = split_usable_classes(train_labels)
-    if usable.size < 2:
-        raise PhaseInputError(f"{tag}: training needs at least 2 {settings.positives}s with 2 or more training "
-                              f"items; found {usable.size}")
     hard_negatives = None
     if settings.hard_negative_share > 0:
         hard_negatives = _hard_negatives(baseline_features(run_dir, tag, items["id"].to_numpy()[train_rows]),
@@ -260,7 +266,6 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
     if with_classifier:
         train_labels = np.searchsorted(train_classes, train_labels)
 
-    strategy = training_strategy(settings.devices)
     jit_compile = _effective_jit(settings, strategy)
     keras.utils.set_random_seed(settings.seed)
     with strategy.scope():
@@ -279,7 +284,7 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
         model.compile(optimizer=finetune_optimizer(trunk, settings), loss=loss, metrics=metrics,
                       jit_compile=jit_compile)
 
-    n_classes = min(settings.n_classes_per_batch, usable.size)
+    n_classes = min(settings.n_classes_per_batch, train_classes.size)
     batch_size = n_classes * settings.n_samples_per_class
     steps = settings.steps_per_epoch or math.ceil(len(train_rows) / batch_size)
 
@@ -311,7 +316,8 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
     summary = {
         "backbone": tag, "backbone_config": asdict(backbone_cfg), "weights_loaded": extractor.weights_loaded,
         "image_size": extractor.image_size, "loss": loss_name, "loss_params": loss_params,
-        "loss_config": _jsonable(loss.get_config()), "mode": "finetune", "train": shared,
+        "loss_config": _jsonable(loss.get_config()), "mode": "finetune",
+        "train": {k: v for k, v in asdict(settings).items() if k not in ("losses", "loss_params")},
         "optimizer": {"name": "ScaledAdamW", "head_learning_rate": settings.learning_rate,
                       "backbone_learning_rate": settings.finetune_learning_rate,
                       "weight_decay": settings.weight_decay},
@@ -345,12 +351,14 @@ def _save_model(model, out: Path, probe: np.ndarray, tag: str, loss: str, image_
 
     from .export import write_export_manifest, write_saved_model
 
-    expected = model.predict(probe, verbose=0)
+    # Direct calls, not predict: both sides then run on one device even when training was
+    # mirrored over several, so the comparison is not blurred by different per-device batches.
+    expected = np.asarray(model(probe, training=False))
     with atomic.atomic_path(out / "embedding_model.keras") as tmp:
         model.save(tmp)
         # Checked before the rename: a model that does not reload is never published.
         reloaded = keras.saving.load_model(tmp, compile=False)
-        keras_error = float(np.max(np.abs(reloaded.predict(probe, verbose=0) - expected)))
+        keras_error = float(np.max(np.abs(np.asarray(reloaded(probe, training=False)) - expected)))
         if keras_error > 1e-5:
             raise RuntimeError(f"{out}: the saved embedding model differs from the trained one by {keras_error:.2e}")
     write_saved_model(model, out / "saved_model")

@@ -47,7 +47,7 @@ import numpy as np
 
 from . import atomic
 from .config import ConfigError, RunConfig, TrainConfig
-from .distribute import distribute_global_batches, training_strategy, xla_supported
+from .distribute import distribute_global_batches, is_chief, training_strategy, worker_output_dir, xla_supported
 from .extract import PhaseInputError
 from .run_dir import RunDir, backbone_tag, fingerprint_of
 
@@ -60,6 +60,19 @@ _RESUME_STAMP = "resume.json"
 FINETUNE_ONLY = ("finetune_layers", "finetune_learning_rate", "augment")
 # Settings that do not change what is learnt (the same global batches on any number of devices).
 NOT_FINGERPRINTED = ("devices",)
+# Settings added after models were first trained, with the value that reproduces those
+# models: at that value they stay out of the fingerprint, so finished runs stay up to date.
+ADDED_LATER = {"mixed_precision": False, "positives": "label", "hard_negative_share": 0.0}
+
+
+def fingerprinted_settings(settings: TrainConfig, exclude: Sequence[str] = ()) -> dict:
+    """The training settings a model's fingerprint covers."""
+    values = {k: v for k, v in asdict(settings).items()
+              if k not in ("losses", "loss_params", *NOT_FINGERPRINTED, *exclude)
+              and not (k in ADDED_LATER and v == ADDED_LATER[k])}
+    if settings.hard_negative_share <= 0:
+        values.pop("hard_negatives_per_item", None)   # unused without hard negatives
+    return values
 
 
 class TrainingDivergedError(RuntimeError):
@@ -86,8 +99,9 @@ def run_train(config: RunConfig, force: bool = False, *, extra_callbacks: Sequen
     if settings.epochs < 1 or settings.steps_per_epoch < 0 or settings.embedding_dim < 1:
         raise ConfigError("train.epochs and train.embedding_dim must be positive, train.steps_per_epoch >= 0")
 
-    if settings.finetune_layers < 0 or settings.finetune_learning_rate <= 0:
-        raise ConfigError("train.finetune_layers must be >= 0 and train.finetune_learning_rate positive")
+    if settings.finetune_layers < 0 or settings.finetune_learning_rate <= 0 or settings.learning_rate <= 0:
+        raise ConfigError("train.finetune_layers must be >= 0, train.learning_rate and "
+                          "train.finetune_learning_rate positive")
 
     run_dir = RunDir(config)
     with dtype_policy("mixed_float16" if settings.mixed_precision else "float32"):
@@ -95,6 +109,8 @@ def run_train(config: RunConfig, force: bool = False, *, extra_callbacks: Sequen
 
 
 def _train_all(config: RunConfig, run_dir: RunDir, settings: TrainConfig, force: bool, extra_callbacks) -> list[Path]:
+    # Before any other TensorFlow work: a multi-worker strategy must be created first.
+    strategy = training_strategy(settings.devices)
     outputs = []
     if settings.mode == "finetune":
         from .finetune import train_finetune
@@ -102,14 +118,17 @@ def _train_all(config: RunConfig, run_dir: RunDir, settings: TrainConfig, force:
         for backbone in config.extract.backbones:
             for loss_name in settings.losses:
                 outputs.append(train_finetune(run_dir, backbone, backbone_tag(backbone), loss_name, settings,
-                                              force=force, extra_callbacks=extra_callbacks))
+                                              strategy, force=force, extra_callbacks=extra_callbacks))
         return outputs
     for backbone in config.extract.backbones:
         tag = backbone_tag(backbone)
         phase1 = load_phase1_features(run_dir.embeddings_dir(tag))
         for loss_name in settings.losses:
-            out = train_head(run_dir, tag, phase1, loss_name, settings, force=force, extra_callbacks=extra_callbacks)
+            out = train_head(run_dir, tag, phase1, loss_name, settings, strategy, force=force,
+                             extra_callbacks=extra_callbacks)
             outputs.append(out)
+            if not is_chief(strategy):
+                continue   # the chief exports; other workers' copies stay in their scratch folder
             if settings.export and (force or not (out / "export.json").is_file()
                                     or (out / "export.json").stat().st_mtime < (out / "training.json").stat().st_mtime):
                 from .export import export_embedding_model, not_exportable, probe_batch
@@ -120,7 +139,8 @@ def _train_all(config: RunConfig, run_dir: RunDir, settings: TrainConfig, force:
                     continue
                 images, features = probe_batch(run_dir, phase1["items"], phase1["features"],
                                                phase1["meta"]["image_size"])
-                # The backbone is exported as phase 1 ran it, in float32.
+                # The backbone is rebuilt in float32 (the head keeps the policy it was trained
+                # with); export.py allows for float16 rounding when phase 1 ran in mixed precision.
                 with dtype_policy("float32"):
                     export_embedding_model(run_dir, backbone, loss_name, phase1["meta"], images, features)
     return outputs
@@ -198,22 +218,24 @@ def split_train_val(items, settings: TrainConfig, keys: np.ndarray | None = None
 
     # No usable validation split: hold out whole training classes, so validation
     # measures what the unseen-class protocol measures and never overlaps training.
+    # Counted among the classes (groups) that can be scored: an item alone in its class has no positive.
     candidates, _ = split_usable_classes(labels[train_rows])
-    n_classes = np.unique(labels[train_rows]).size
-    n_hold = max(2, int(round(settings.holdout_fraction * n_classes)))
+    n_hold = max(2, int(round(settings.holdout_fraction * candidates.size)))
+    kind = "groups" if settings.positives == "group" else "classes"
     if settings.holdout_fraction <= 0 or candidates.size - n_hold < 2:
         raise PhaseInputError(
-            f"no usable 'val' split (it needs 2 classes with 2+ items; it has {val_usable.size}) and the "
-            f"{candidates.size} training classes with 2+ items cannot spare {n_hold} for validation "
+            f"no usable 'val' split (it needs 2 {kind} with 2+ items; it has {val_usable.size}) and the "
+            f"{candidates.size} training {kind} with 2+ items cannot spare {n_hold} for validation "
             f"(train.holdout_fraction={settings.holdout_fraction}) while keeping 2 to train on")
     rng = np.random.default_rng(settings.seed)
     held_out = np.sort(rng.choice(candidates, size=n_hold, replace=False))
     in_holdout = np.isin(labels[train_rows], held_out)
-    log.warning("phase 3: no usable 'val' split; validating on %d held-out training classes (%.0f %%, seed %d), "
-                "class-disjoint from training", n_hold, 100 * settings.holdout_fraction, settings.seed)
+    log.warning("phase 3: no usable 'val' split; validating on %d held-out training %s (%.0f %%, seed %d), "
+                "disjoint from training", n_hold, kind, 100 * settings.holdout_fraction, settings.seed)
     return train_rows[~in_holdout], train_rows[in_holdout], {
         "protocol": "holdout_classes", "holdout_fraction": settings.holdout_fraction, "seed": settings.seed,
         "n_items": int(in_holdout.sum()), "n_classes": int(n_hold), "n_classes_with_positives": int(n_hold),
+        # Class labels, or group keys with train.positives=group.
         "held_out_labels": held_out.tolist()}
 
 
@@ -315,18 +337,18 @@ class _RestoreMonitorState(keras.callbacks.Callback):
 
 # --------------------------------------------------------------------------- training
 
-def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings: TrainConfig, force: bool = False,
-               extra_callbacks: Sequence = ()) -> Path:
+def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings: TrainConfig, strategy=None,
+               force: bool = False, extra_callbacks: Sequence = ()) -> Path:
     from models import losses as losses_lib
     from models.heads import build_embedding_head
 
-    from .sampler import balanced_batches, split_usable_classes
+    from .sampler import balanced_batches
 
-    out = run_dir.train_dir(tag, loss_name)
+    strategy = strategy or training_strategy(settings.devices)
+    out = worker_output_dir(run_dir.train_dir(tag, loss_name), strategy)
     loss_params = dict(settings.loss_params.get(loss_name, {}) or {})
     # Other losses and their parameters do not change this model, so they are not part of its fingerprint.
-    shared = {k: v for k, v in asdict(settings).items()
-              if k not in ("losses", "loss_params", *FINETUNE_ONLY, *NOT_FINGERPRINTED)}
+    shared = fingerprinted_settings(settings, exclude=FINETUNE_ONLY)
     meta = phase1["meta"]
     fingerprint = fingerprint_of({"features": meta.get("fingerprint"), "created": meta.get("created"),
                                 "train": shared, "loss": loss_name, "loss_params": loss_params})
@@ -347,11 +369,8 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     items, features = phase1["items"], phase1["features"]
     labels = pair_keys(items, settings)
     train_rows, val_rows, validation = split_train_val(items, settings, labels)
+    train_rows, single = usable_training_rows(train_rows, labels, settings, tag)
     train_labels = labels[train_rows]
-    usable, single = split_usable_classes(train_labels)
-    if usable.size < 2:
-        raise PhaseInputError(f"{tag}: training needs at least 2 {settings.positives}s with 2 or more training "
-                              f"items; found {usable.size}")
 
     loss = losses_lib.get_loss(loss_name, **loss_params)
     with_classifier = bool(getattr(loss, "requires_classifier", False))
@@ -360,7 +379,6 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
         # The classifier's logits are indexed 0..C-1, whatever the dataset's labels are.
         train_labels = np.searchsorted(train_classes, train_labels)
 
-    strategy = training_strategy(settings.devices)
     jit_compile = _effective_jit(settings, strategy)
     keras.utils.set_random_seed(settings.seed)
     with strategy.scope():
@@ -380,7 +398,7 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
                                                        weight_decay=settings.weight_decay),
                       loss=loss, metrics=metrics, jit_compile=jit_compile)
 
-    n_classes = min(settings.n_classes_per_batch, usable.size)
+    n_classes = min(settings.n_classes_per_batch, train_classes.size)
     batch_size = n_classes * settings.n_samples_per_class
     steps = settings.steps_per_epoch or math.ceil(len(train_rows) / batch_size)
     hard_negatives = _hard_negatives(features[train_rows], train_labels, settings)
@@ -410,7 +428,8 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     progress = fit_summary(history, fit, steps, seconds, validator, settings.epochs, resume_epoch)
     summary = {
         "backbone": tag, "loss": loss_name, "loss_params": loss_params,
-        "loss_config": _jsonable(loss.get_config()), "mode": settings.mode, "train": shared,
+        "loss_config": _jsonable(loss.get_config()), "mode": settings.mode,
+        "train": {k: v for k, v in asdict(settings).items() if k not in ("losses", "loss_params", *FINETUNE_ONLY)},
         **runtime_summary(settings, strategy, jit_compile, hard_negatives),
         "requires_classifier": with_classifier, "n_classifier_classes": int(train_classes.size) if with_classifier
         else None,
@@ -434,9 +453,25 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     return out
 
 
+def usable_training_rows(train_rows: np.ndarray, keys: np.ndarray, settings: TrainConfig, tag: str):
+    """(the training rows whose class/group has 2+ training items, the keys left out).
+
+    An item alone in its class (or group) has no positive: the sampler could never use
+    it, and ArcFace would give it a class centre of its own, so it is left out here.
+    """
+    from .sampler import split_usable_classes
+
+    usable, single = split_usable_classes(keys[train_rows])
+    if usable.size < 2:
+        raise PhaseInputError(f"{tag}: training needs at least 2 {settings.positives}s with 2 or more training "
+                              f"items; found {usable.size}")
+    return train_rows[np.isin(keys[train_rows], usable)], single
+
+
 def _effective_jit(settings: TrainConfig, strategy) -> bool:
     if settings.jit_compile and not xla_supported(strategy):
-        log.info("phase 3: XLA is off: TensorFlow cannot XLA-compile a step mirrored over several CPU devices")
+        log.info("phase 3: XLA is off for a step mirrored over several replicas (not supported by TensorFlow "
+                 "on CPU devices; unverified on several GPUs)")
         return False
     return settings.jit_compile
 
@@ -611,7 +646,9 @@ def _save_head(head, path: Path, probe: np.ndarray) -> None:
         head.save(tmp)
         # Checked before the rename: a head.keras that does not reload is never published.
         reloaded = keras.saving.load_model(tmp)
-        if not np.allclose(reloaded.predict(probe, verbose=0), head.predict(probe, verbose=0), atol=1e-5):
+        # Direct calls run on one device even after mirrored training (see finetune._save_model).
+        if not np.allclose(np.asarray(reloaded(probe, training=False)), np.asarray(head(probe, training=False)),
+                           atol=1e-5):
             raise RuntimeError(f"{path}: the saved head does not reproduce the trained head's embeddings")
 
 

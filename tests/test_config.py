@@ -40,3 +40,22 @@ def test_shipped_configs_load():
     from pathlib import Path
     for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_cli_backbone_keeps_configured_settings_and_phase3_flags(tmp_path):
+    import run as cli
+
+    config_path = tmp_path / "grid.yaml"
+    config_path.write_text("extract:\n  backbones:\n    - {name: mobilenet, alpha: 0.25, image_size: 224}\n"
+                           "    - {name: resnet50}\n")
+    args = cli.build_parser().parse_args(["phase1", "--config", str(config_path), "--backbone", "mobilenet"])
+    (backbone,) = cli.config_from_args(args).extract.backbones
+    assert (backbone.name, backbone.alpha, backbone.image_size) == ("mobilenet", 0.25, 224)
+    args = cli.build_parser().parse_args(["phase3", "--config", str(config_path), "--mixed-precision",
+                                          "--positives", "group", "--hard-negatives", "0.25"])
+    config = cli.config_from_args(args)
+    assert config.train.mixed_precision and not config.extract.mixed_precision
+    assert config.train.positives == "group" and config.train.hard_negative_share == 0.25
+    both = cli.config_from_args(cli.build_parser().parse_args(["all", "--config", str(config_path),
+                                                                "--mixed-precision"]))
+    assert both.train.mixed_precision and both.extract.mixed_precision and len(both.extract.backbones) == 2

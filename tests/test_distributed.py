@@ -50,12 +50,22 @@ def _free_ports(n: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def worker_reports() -> list[dict]:
+def worker_runs(tmp_path_factory) -> Path:
+    from tests.test_train import clustered_features, write_phase1
+
+    runs = tmp_path_factory.mktemp("workers") / "runs"
+    write_phase1(runs, *clustered_features())
+    return runs
+
+
+@pytest.fixture(scope="module")
+def worker_reports(worker_runs) -> list[dict]:
     workers = [f"localhost:{port}" for port in _free_ports(2)]
     processes = []
     for index in range(2):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        processes.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "two_worker_check.py")], cwd=ROOT,
+        processes.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "two_worker_check.py"),
+                                           str(worker_runs)], cwd=ROOT,
                                           env={**ENV, "TF_CONFIG": json.dumps(tf_config)}, text=True,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     reports = []
@@ -88,7 +98,7 @@ def test_loss_and_gradients_match_one_device_on_the_global_batch(report, case):
 @pytest.mark.parametrize("case", LOSS_CASES)
 def test_two_workers_from_tf_config_match_one_device(worker_reports, case):
     for worker in worker_reports:
-        assert worker["strategy"] == "CollectiveAllReduceStrategy"   # MultiWorkerMirroredStrategy's class
+        assert worker["multi_worker"]
         assert worker["losses"]["replicas"] == 2
         _assert_matches_one_device(worker["losses"][case])
 
@@ -105,3 +115,14 @@ def test_head_training_on_two_replicas_matches_one_device(report):
     t = report["training"]
     np.testing.assert_allclose(t["loss_two"], t["loss_one"], rtol=1e-4, atol=1e-5)
     assert t["max_weight_diff"] < 1e-4
+
+
+def test_two_workers_train_like_one_device_and_only_the_chief_publishes(worker_reports, report):
+    chief, other = worker_reports
+    out = Path(chief["training"]["out"])
+    assert chief["training"]["replicas"] == 2 and (out / "head.keras").is_file()
+    # The other worker trained the same model into a scratch folder inside the chief's.
+    assert Path(other["training"]["out"]) == out / ".worker-1"
+    np.testing.assert_allclose(chief["training"]["loss"], other["training"]["loss"], rtol=1e-6)
+    # Same settings as the one-device run of the mirrored check: the same losses.
+    np.testing.assert_allclose(chief["training"]["loss"], report["training"]["loss_one"], rtol=1e-4, atol=1e-5)

@@ -4,7 +4,8 @@
 Under MultiWorkerMirroredStrategy each worker process has one replica; each builds the
 same global batch and feeds its own replica only its slice (pipeline/distribute.py).
 Prints one JSON object comparing, per loss, one device on the global batch with the
-two-worker result.
+two-worker result, and the outcome of a short head-mode training (`run_train`) run by both
+workers on the phase-1 output the test wrote to the folder given as the first argument.
 """
 from __future__ import annotations
 
@@ -22,6 +23,17 @@ if __name__ == "__main__":
 
     # The multi-worker strategy first: it must be created before any other TensorFlow work.
     strategy = training_strategy()
-    report = {"strategy": type(strategy).__name__,
+    report = {"multi_worker": isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy),
               "losses": compare_losses(tf.distribute.get_strategy(), strategy)}
+
+    import numpy as np
+
+    from pipeline.train import run_train
+    from tests.test_train import make_config
+
+    out = run_train(make_config(Path(sys.argv[1]), epochs=2, steps_per_epoch=3, jit_compile=False, export=False,
+                                n_classes_per_batch=4))[0]
+    history = np.genfromtxt(out / "history.csv", delimiter=",", names=True)
+    report["training"] = {"out": str(out), "loss": np.atleast_1d(history["loss"]).tolist(),
+                          "replicas": json.loads((out / "training.json").read_text())["distribution"]["replicas"]}
     print("RESULT " + json.dumps(report))

@@ -229,8 +229,10 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
     out = worker_output_dir(run_dir.train_dir(tag, loss_name), strategy)
     loss_params = dict(settings.loss_params.get(loss_name, {}) or {})
     dataset_meta = load_dataset_meta(run_dir)
+    loss = losses_lib.get_loss(loss_name, **loss_params)
     inputs = {"dataset": dataset_meta.get("fingerprint"), "backbone": asdict(backbone_cfg),
-              "train": fingerprinted_settings(settings), "loss": loss_name, "loss_params": loss_params,
+              "train": fingerprinted_settings(settings), "loss": loss_name,
+              "loss_config": _jsonable(loss.get_config()),
               # Since the trunk has had its own learning rate; earlier runs trained both at one rate.
               "optimizer": "ScaledAdamW"}
     if settings.hard_negative_share > 0:
@@ -260,7 +262,6 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
         hard_negatives = _hard_negatives(baseline_features(run_dir, tag, items["id"].to_numpy()[train_rows]),
                                          train_labels, settings)
 
-    loss = losses_lib.get_loss(loss_name, **loss_params)
     with_classifier = bool(getattr(loss, "requires_classifier", False))
     train_classes = np.unique(train_labels)
     if with_classifier:

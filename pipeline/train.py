@@ -350,8 +350,10 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     # Other losses and their parameters do not change this model, so they are not part of its fingerprint.
     shared = fingerprinted_settings(settings, exclude=FINETUNE_ONLY)
     meta = phase1["meta"]
+    loss = losses_lib.get_loss(loss_name, **loss_params)
+    # The loss's full configuration, defaults included: a changed default retrains.
     fingerprint = fingerprint_of({"features": meta.get("fingerprint"), "created": meta.get("created"),
-                                "train": shared, "loss": loss_name, "loss_params": loss_params})
+                                  "train": shared, "loss": loss_name, "loss_config": _jsonable(loss.get_config())})
     summary_path = out / "training.json"
     if not force and summary_path.is_file() and atomic.read_json(summary_path).get("fingerprint") == fingerprint:
         log.info("phase 3: %s is up to date (use --force to redo)", out)
@@ -372,7 +374,6 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     train_rows, single = usable_training_rows(train_rows, labels, settings, tag)
     train_labels = labels[train_rows]
 
-    loss = losses_lib.get_loss(loss_name, **loss_params)
     with_classifier = bool(getattr(loss, "requires_classifier", False))
     train_classes = np.unique(train_labels)
     if with_classifier:

@@ -67,7 +67,7 @@ def ref_triplet(x, y, margin=0.2, mining="semi_hard", distance="euclidean"):
     return float(np.mean(values)) if values else 0.0
 
 
-def ref_contrastive(x, y, positive_margin=0.0, negative_margin=0.5, distance="euclidean"):
+def ref_contrastive(x, y, positive_margin=0.6, negative_margin=1.4, distance="euclidean"):
     n = len(y)
     values = []
     for i in range(n):
@@ -190,6 +190,7 @@ EMBEDDING_CONFIGS = (
     + [("triplet", {"mining": "semi_hard", "margin": 0.5})]
     + [("contrastive", {"distance": d}) for d in ("euclidean", "squared_euclidean", "cosine")]
     + [("contrastive", {"positive_margin": 0.3, "negative_margin": 1.2})]
+    + [("contrastive", {"positive_margin": 0.0, "negative_margin": 0.5})]
     + [("contrastive_softmax", {}), ("contrastive_softmax", {"temperature": 0.5})]
     + [("multisimilarity", {}), ("multisimilarity", {"alpha": 1.0, "beta": 20.0, "base": 0.3, "epsilon": 0.3})]
     + [("supcon", {}), ("supcon", {"temperature": 0.3})]

@@ -35,7 +35,7 @@ from .extract import PhaseInputError, load_dataset_meta
 from .run_dir import RunDir, fingerprint_of
 from .distribute import distribute_global_batches, training_strategy, worker_output_dir
 from .train import (_RESUME_STAMP, RetrievalValidation, _callbacks, _effective_jit, _hard_negatives, _jsonable,
-                    _plot_curves, _prepare_output_dir, _read_history, _write_history, fit_checked, fit_summary,
+                    _plot_curves, _write_history, begin_training, fit_checked, fit_summary,
                     fingerprinted_settings, load_phase1_features, pair_keys, runtime_summary, split_train_val,
                     usable_training_rows)
 
@@ -240,17 +240,11 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
         phase1_meta = run_dir.embeddings_dir(tag) / "meta.json"
         inputs["phase1"] = atomic.read_json(phase1_meta).get("fingerprint") if phase1_meta.is_file() else None
     fingerprint = fingerprint_of(inputs)
-    summary_path = out / "training.json"
-    if not force and summary_path.is_file() and atomic.read_json(summary_path).get("fingerprint") == fingerprint:
-        log.info("phase 3: %s is up to date (use --force to redo)", out)
+    started = begin_training(out, fingerprint, force)
+    if started is None:
         return out
-
-    resume_epoch = _prepare_output_dir(out, fingerprint, force)
-    history_path = out / "history.csv"
-    previous = _read_history(history_path, before_epoch=resume_epoch)
-    if resume_epoch:
-        log.info("phase 3: resuming %s after epoch %d", out, resume_epoch)
-        _write_history(history_path, previous)
+    resume_epoch, previous = started
+    summary_path, history_path = out / "training.json", out / "history.csv"
 
     items, encoded = read_records(run_dir.dataset_dir)
     labels = pair_keys(items, settings)

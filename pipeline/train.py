@@ -354,19 +354,11 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     # The loss's full configuration, defaults included: a changed default retrains.
     fingerprint = fingerprint_of({"features": meta.get("fingerprint"), "created": meta.get("created"),
                                   "train": shared, "loss": loss_name, "loss_config": _jsonable(loss.get_config())})
-    summary_path = out / "training.json"
-    if not force and summary_path.is_file() and atomic.read_json(summary_path).get("fingerprint") == fingerprint:
-        log.info("phase 3: %s is up to date (use --force to redo)", out)
+    started = begin_training(out, fingerprint, force)
+    if started is None:
         return out
-
-    resume_epoch = _prepare_output_dir(out, fingerprint, force)
-    history_path = out / "history.csv"
-    previous = _read_history(history_path, before_epoch=resume_epoch)
-    if resume_epoch:
-        log.info("phase 3: resuming %s after epoch %d", out, resume_epoch)
-        # Rows beyond the backup (an epoch logged, then interrupted before its backup)
-        # are redone, so they go; CSVLogger appends to what remains.
-        _write_history(history_path, previous)
+    resume_epoch, previous = started
+    summary_path, history_path = out / "training.json", out / "history.csv"
 
     items, features = phase1["items"], phase1["features"]
     labels = pair_keys(items, settings)
@@ -594,6 +586,24 @@ def _tensorboard_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorboard") is not None
+
+
+def begin_training(out: Path, fingerprint: str, force: bool):
+    """None when `out` already holds this training (same fingerprint); else (epochs a backup
+    holds to resume after, 0 = fresh; the history of those epochs)."""
+    summary_path = out / "training.json"
+    if not force and summary_path.is_file() and atomic.read_json(summary_path).get("fingerprint") == fingerprint:
+        log.info("phase 3: %s is up to date (use --force to redo)", out)
+        return None
+    resume_epoch = _prepare_output_dir(out, fingerprint, force)
+    history_path = out / "history.csv"
+    previous = _read_history(history_path, before_epoch=resume_epoch)
+    if resume_epoch:
+        log.info("phase 3: resuming %s after epoch %d", out, resume_epoch)
+        # Rows beyond the backup (an epoch logged, then interrupted before its backup)
+        # are redone, so they go; CSVLogger appends to what remains.
+        _write_history(history_path, previous)
+    return resume_epoch, previous
 
 
 def _prepare_output_dir(out: Path, fingerprint: str, force: bool) -> int:

@@ -34,8 +34,8 @@ from .config import BackboneConfig, TrainConfig
 from .extract import PhaseInputError, load_dataset_meta
 from .run_dir import RunDir, fingerprint_of
 from .distribute import distribute_global_batches, training_strategy, worker_output_dir
-from .train import (_RESUME_STAMP, RetrievalValidation, _callbacks, _effective_jit, _hard_negatives, _jsonable,
-                    _plot_curves, _write_history, begin_training, fit_checked, fit_summary,
+from .train import (RetrievalValidation, _callbacks, _effective_jit, _hard_negatives, _jsonable,
+                    _plot_curves, _write_history, begin_training, finish_training, fit_checked, fit_summary,
                     fingerprinted_settings, load_phase1_features, pair_keys, runtime_summary, split_train_val,
                     usable_training_rows)
 
@@ -244,7 +244,7 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
     if started is None:
         return out
     resume_epoch, previous = started
-    summary_path, history_path = out / "training.json", out / "history.csv"
+    history_path = out / "history.csv"
 
     items, encoded = read_records(run_dir.dataset_dir)
     labels = pair_keys(items, settings)
@@ -332,12 +332,7 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
         "fingerprint": fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    atomic.write_json(summary_path, summary)
-    (out / _RESUME_STAMP).unlink(missing_ok=True)
-    log.info("phase 3: wrote %s (best epoch %d of %d: val P@1 %.4f, MAP@R %.4f; before training %.4f / %.4f)",
-             out, summary["best_epoch"], summary["epochs_run"], summary["best_val"]["P@1"],
-             summary["best_val"]["MAP@R"], validator.initial["P@1"], validator.initial["MAP@R"])
-    return out
+    return finish_training(out, summary)
 
 
 def _save_model(model, out: Path, probe: np.ndarray, tag: str, loss: str, image_size: int) -> None:

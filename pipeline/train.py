@@ -358,7 +358,7 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     if started is None:
         return out
     resume_epoch, previous = started
-    summary_path, history_path = out / "training.json", out / "history.csv"
+    history_path = out / "history.csv"
 
     items, features = phase1["items"], phase1["features"]
     labels = pair_keys(items, settings)
@@ -438,11 +438,16 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
         "fingerprint": fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    atomic.write_json(summary_path, summary)
+    return finish_training(out, summary)
+
+
+def finish_training(out: Path, summary: dict) -> Path:
+    """Publish training.json (the completion marker, written last) and drop the resume stamp."""
+    atomic.write_json(out / "training.json", summary)
     (out / _RESUME_STAMP).unlink(missing_ok=True)
     log.info("phase 3: wrote %s (best epoch %d of %d: val P@1 %.4f, MAP@R %.4f; before training %.4f / %.4f)",
              out, summary["best_epoch"], summary["epochs_run"], summary["best_val"]["P@1"],
-             summary["best_val"]["MAP@R"], validator.initial["P@1"], validator.initial["MAP@R"])
+             summary["best_val"]["MAP@R"], summary["initial_val"]["P@1"], summary["initial_val"]["MAP@R"])
     return out
 
 

@@ -38,9 +38,34 @@ def collect(config: RunConfig) -> list[dict]:
             if not path.is_file():
                 phase = "phase2" if loss == PRETRAINED else "phase4"
                 raise PhaseInputError(f"no evaluation of {eval_tag} ({path} missing): run `python run.py {phase}` first")
+            metrics = atomic.read_json(path)
+            _check_current(run_dir, config, tag, loss, eval_tag, metrics)
             models.append({"backbone": tag, "loss": loss, "eval_tag": eval_tag, "eval_dir": path.parent,
-                           "metrics": atomic.read_json(path)})
+                           "metrics": metrics})
     return models
+
+
+def _check_current(run_dir: RunDir, config: RunConfig, tag: str, loss: str, eval_tag: str, metrics: dict) -> None:
+    """The evaluation must be of the embeddings on disk, and those of the model phase 3 trained last.
+
+    Otherwise the report would put one model's training details beside another's scores.
+    """
+    from .evaluate import evaluation_fingerprint
+
+    phase = "phase2" if loss == PRETRAINED else "phase4"
+    emb_meta_path = run_dir.embeddings_dir(eval_tag) / "meta.json"
+    emb_meta = atomic.read_json(emb_meta_path) if emb_meta_path.is_file() else {}
+    if metrics.get("fingerprint") != evaluation_fingerprint(emb_meta, config.evaluate):
+        raise PhaseInputError(f"the evaluation of {eval_tag} is not of its current embeddings (or was made with "
+                              f"other evaluate settings): run `python run.py {phase}` again")
+    if loss == PRETRAINED:
+        return
+    training_path = run_dir.train_dir(tag, loss) / "training.json"
+    training = atomic.read_json(training_path) if training_path.is_file() else {}
+    if not str(emb_meta.get("fingerprint", "")).startswith(f"{training.get('fingerprint')}-"):
+        raise PhaseInputError(f"the phase-4 embeddings of {eval_tag} are not of the model in {training_path.parent} "
+                              "(it was retrained, or its training is unfinished): run `python run.py phase3` and "
+                              "`python run.py phase4`")
 
 
 def table_rows(models: list[dict]) -> list[dict]:
@@ -211,7 +236,8 @@ def run_compare(config: RunConfig, command: str = "") -> Path:
             source = m["eval_dir"] / "plots" / name
             if source.is_file():
                 target = img / f"{m['eval_tag'].replace('+', '_')}_{name}"
-                shutil.copy2(source, target)
+                with atomic.atomic_path(target) as tmp:
+                    shutil.copyfile(source, tmp)
                 entry[key] = target.relative_to(report_dir).as_posix()
         pictures.append(entry)
 

@@ -136,6 +136,50 @@ def worker_output_dir(out: Path, strategy) -> Path:
     return out / f".{resolver.task_type}-{resolver.task_id}"
 
 
+def agree_on_resume(strategy, done: bool, latest: int, before_latest: int) -> tuple[bool, int]:
+    """One decision for every worker of a cluster: (training already done, epoch to resume after; 0 = fresh).
+
+    Each worker passes what its own folder holds: whether its training is finished, the
+    latest committed backup epoch and the one before it (0 = none; pipeline/checkpoints.py
+    keeps two). Outside a multi-worker cluster the local view is the decision. Inside one,
+    a worker that disagrees would skip a different number of batches, run a different
+    number of steps and hang the collectives, so the views are all-gathered first.
+    """
+    if not _is_multi_worker(strategy):
+        return done, latest
+    import numpy as np
+    import tensorflow as tf
+
+    mine = tf.constant([[int(done), int(latest), int(before_latest)]], tf.int64)
+    per_replica = strategy.experimental_distribute_values_from_function(lambda context: mine)
+    views = np.asarray(strategy.gather(per_replica, axis=0)).tolist()
+    decision = agreed_resume(views)
+    if decision != (done, latest):
+        log.warning("phase 3: the workers' saved states differ (%s as [done, latest, before latest]); all %s",
+                    views, "resume after epoch %d" % decision[1] if decision[1] else "start from the beginning")
+    return decision
+
+
+def agreed_resume(views: Sequence[Sequence[int]]) -> tuple[bool, int]:
+    """The decision of `agree_on_resume` from every worker's [done, latest, before_latest]."""
+    if all(done for done, _, _ in views):
+        return True, 0
+    if any(done for done, _, _ in views):
+        return False, 0   # a finished worker kept no backup: nobody can resume in step with it
+    epoch = min(latest for _, latest, _ in views)
+    if epoch and all(epoch in (latest, before) for _, latest, before in views):
+        return False, epoch
+    return False, 0
+
+
+def _is_multi_worker(strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return False
+    cluster = resolver.cluster_spec().as_dict()
+    return sum(len(tasks) for job, tasks in cluster.items() if job in ("chief", "worker")) > 1
+
+
 def distribute_global_batches(strategy, make_rows: Callable[[int, int], "object"], global_batch_size: int):
     """The dataset Keras should fit on.
 

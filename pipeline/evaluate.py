@@ -103,6 +103,12 @@ def load_embeddings(emb_dir: Path):
     return items, unit, raw, atomic.read_json(emb_dir / "meta.json")
 
 
+def evaluation_fingerprint(emb_meta: dict, settings: EvaluateConfig) -> str:
+    """What a metrics.json was computed from: these embeddings, under these settings."""
+    return fingerprint_of({"embeddings": emb_meta.get("fingerprint"), "created": emb_meta.get("created"),
+                           "settings": asdict(settings)})
+
+
 def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force: bool = False) -> Path:
     from .diagnostics import clustering_scores, embedding_diagnostics
     from .retrieval import retrieve
@@ -110,8 +116,7 @@ def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force
     emb_dir = run_dir.embeddings_dir(tag)
     items, unit, raw, emb_meta = load_embeddings(emb_dir)
     out = run_dir.eval_dir(tag)
-    fingerprint = fingerprint_of({"embeddings": emb_meta.get("fingerprint"), "created": emb_meta.get("created"),
-                                "settings": asdict(settings)})
+    fingerprint = evaluation_fingerprint(emb_meta, settings)
     metrics_path = out / "metrics.json"
     if not force and metrics_path.is_file() and atomic.read_json(metrics_path).get("fingerprint") == fingerprint:
         log.info("phase 2: %s is up to date (use --force to redo)", out)

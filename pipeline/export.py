@@ -79,7 +79,11 @@ def export_embedding_model(run_dir: RunDir, backbone: BackboneConfig, loss: str,
 
     with atomic.atomic_path(out / "embedding_model.keras") as tmp:
         model.save(tmp)
-    write_saved_model(model, out / "saved_model")
+    # The SavedModel must serve what the Keras model it was exported from computes.
+    composed = None if max_error is None else model.predict(probe_images, verbose=0)
+    served_error = write_saved_model(model, out / "saved_model", probe_images, composed)
+    if served_error is not None:
+        max_error = max(max_error, served_error)
     write_export_manifest(out, tag, loss, image_size, int(head.outputs[0].shape[-1]),
                           0 if probe_images is None else int(len(probe_images)), max_error,
                           "head applied to the phase-1 features of the same images")
@@ -100,11 +104,23 @@ def write_export_manifest(out: Path, tag: str, loss: str, image_size: int, dim: 
     return out / "export.json"
 
 
-def write_saved_model(model, final: Path) -> Path:
-    """`model.export` to a staging folder renamed into place: a half-written SavedModel is never published."""
+def write_saved_model(model, final: Path, probe: np.ndarray | None = None, expected: np.ndarray | None = None,
+                      tolerance: float = 1e-4) -> float | None:
+    """`model.export` to a staging folder renamed into place: a half-written SavedModel is never published.
+
+    With `probe` images and the `expected` embeddings, the staged SavedModel's `serve`
+    must reproduce them within `tolerance` before the rename; returns that largest error.
+    """
     staging = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.export(str(staging), format="tf_saved_model", verbose=False)
+    served_error = None
+    if probe is not None and expected is not None and len(probe):
+        served_error = _served_error(staging, probe, expected)
+        if not served_error <= tolerance:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ExportError(f"{final}: the SavedModel's serve differs from the model it exports by "
+                              f"{served_error:.2e} (tolerance {tolerance:.0e}); nothing was published")
     if final.exists():
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -113,7 +129,16 @@ def write_saved_model(model, final: Path) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, final)
-    return final
+    return served_error
+
+
+def _served_error(saved_model_dir: Path, probe: np.ndarray, expected: np.ndarray) -> float:
+    import tensorflow as tf
+
+    # Held in a name while serving: the loaded object owns the variables `serve` reads.
+    loaded = tf.saved_model.load(str(saved_model_dir))
+    served = loaded.serve(tf.constant(probe, tf.float32)).numpy()
+    return float(np.max(np.abs(served - np.asarray(expected))))
 
 
 def probe_batch(run_dir: RunDir, items, features: np.ndarray, image_size: int, n: int = 4):

@@ -9,7 +9,7 @@ backup/) except that the model is image-level from the start:
 
 Learning rates: the head trains at `train.learning_rate` and the trunk's layers at
 the lower `train.finetune_learning_rate`, through one AdamW with per-variable
-multipliers (models/optimizers.py), so BackupAndRestore, checkpoints and
+multipliers (models/optimizers.py), so backups (pipeline/checkpoints.py), checkpoints and
 ReduceLROnPlateau (which lowers both rates together) work as in head mode.
 
 Data: the train (and validation) records' encoded bytes are held in memory (they are
@@ -180,8 +180,9 @@ def build_finetune_model(backbone: BackboneConfig, embedding_dim: int, finetune_
     extractor = build_feature_extractor(backbone.name, weights=backbone.weights, image_size=backbone.image_size,
                                         alpha=backbone.alpha, weights_fallback=backbone.weights_fallback)
     trunk = next(layer for layer in extractor.model.layers if isinstance(layer, keras.Model))
-    trainable = set(id(layer) for layer in trunk.layers[len(trunk.layers) - finetune_layers:]) \
-        if finetune_layers else set()
+    # A count at or above the trunk's depth trains the whole trunk.
+    n_layers = min(finetune_layers, len(trunk.layers))
+    trainable = set(id(layer) for layer in trunk.layers[len(trunk.layers) - n_layers:])
     for layer in trunk.layers:
         # BatchNormalization stays frozen: P x K batches of a few classes have statistics
         # unlike the data's, and small batches give noisy ones; updating the moving
@@ -240,7 +241,7 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
         phase1_meta = run_dir.embeddings_dir(tag) / "meta.json"
         inputs["phase1"] = atomic.read_json(phase1_meta).get("fingerprint") if phase1_meta.is_file() else None
     fingerprint = fingerprint_of(inputs)
-    started = begin_training(out, fingerprint, force)
+    started = begin_training(out, fingerprint, force, strategy)
     if started is None:
         return out
     resume_epoch, previous = started
@@ -293,12 +294,13 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
     val_images = plain_images(encoded[val_rows], extractor.image_size)
     validator = RetrievalValidation(embedding_model, None, labels[val_rows],
                                     embed=lambda: embedding_model.predict(val_images, verbose=0))
-    callbacks = _callbacks(out, settings, validator, previous, extra_callbacks)
+    callbacks = _callbacks(out, settings, validator, previous, extra_callbacks, resume_epoch)
     n_trainable = sum(int(np.prod(w.shape)) for w in trunk.trainable_weights)
+    trainable_layers = min(settings.finetune_layers, len(trunk.layers))
     log.info("phase 3 (finetune): %s / %s: %d training images (%d classes), %d validation images (%s), batches of "
              "%d classes x %d, %d steps/epoch, last %d trunk layers trainable (%d backbone parameters)", tag,
              loss_name, len(train_rows), train_classes.size, len(val_rows), validation["protocol"], n_classes,
-             settings.n_samples_per_class, steps, settings.finetune_layers, n_trainable)
+             settings.n_samples_per_class, steps, trainable_layers, n_trainable)
     fit, history, seconds = fit_checked(
         model, dataset, steps, settings.epochs, callbacks, out, resume_epoch, f"{loss_name} fine-tuning {tag}",
         f"Lower train.learning_rate and train.finetune_learning_rate, or change train.loss_params.{loss_name}")
@@ -317,7 +319,8 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
                       "backbone_learning_rate": settings.finetune_learning_rate,
                       "weight_decay": settings.weight_decay},
         **runtime_summary(settings, strategy, jit_compile, hard_negatives),
-        "finetune_layers": settings.finetune_layers, "trainable_backbone_parameters": n_trainable,
+        "finetune_layers": settings.finetune_layers, "trunk_layers": len(trunk.layers),
+        "trainable_trunk_layers": trainable_layers, "trainable_backbone_parameters": n_trainable,
         "augment": settings.augment,
         "requires_classifier": with_classifier, "n_classifier_classes": int(train_classes.size) if with_classifier
         else None,
@@ -337,8 +340,6 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
 
 def _save_model(model, out: Path, probe: np.ndarray, tag: str, loss: str, image_size: int) -> None:
     """embedding_model.keras, saved_model/ and export.json, each checked to reproduce the trained model."""
-    import tensorflow as tf
-
     from .export import write_export_manifest, write_saved_model
 
     # Direct calls, not predict: both sides then run on one device even when training was
@@ -351,12 +352,6 @@ def _save_model(model, out: Path, probe: np.ndarray, tag: str, loss: str, image_
         keras_error = float(np.max(np.abs(np.asarray(reloaded(probe, training=False)) - expected)))
         if keras_error > 1e-5:
             raise RuntimeError(f"{out}: the saved embedding model differs from the trained one by {keras_error:.2e}")
-    write_saved_model(model, out / "saved_model")
-    # Held in a name: the loaded object owns the variables `serve` reads.
-    loaded = tf.saved_model.load(str(out / "saved_model"))
-    served = loaded.serve(tf.constant(probe, tf.float32)).numpy()
-    served_error = float(np.max(np.abs(served - expected)))
-    if served_error > 1e-4:
-        raise RuntimeError(f"{out}: the SavedModel differs from the trained model by {served_error:.2e}")
+    served_error = write_saved_model(model, out / "saved_model", probe, expected)
     write_export_manifest(out, tag, loss, image_size, int(expected.shape[-1]), int(len(probe)),
                           max(keras_error, served_error), "the fine-tuned model before saving")

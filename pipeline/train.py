@@ -9,7 +9,7 @@ Per backbone and loss, in `runs/<run>/train/<tag>/<loss>/`:
     history.csv        one row per epoch: loss, metrics, learning rate, val_P@1, val_MAP@R
     curves.png         loss, val_P@1 and val_MAP@R per epoch
     checkpoints/       best.weights.h5 (by val_MAP@R), epoch_NNN.weights.h5 every checkpoint_every epochs
-    backup/            BackupAndRestore state while a fit is unfinished (an interrupted run resumes from it)
+    backup/            the committed state of an unfinished fit (pipeline/checkpoints.py; a rerun resumes from it)
     tensorboard/       TensorBoard logs, when the tensorboard package is installed
 
 Validation is retrieval, the thing the head is for: after every epoch the head
@@ -46,8 +46,10 @@ import keras
 import numpy as np
 
 from . import atomic
+from .checkpoints import EpochBackup, read_state
 from .config import ConfigError, RunConfig, TrainConfig
-from .distribute import distribute_global_batches, is_chief, training_strategy, worker_output_dir, xla_supported
+from .distribute import (agree_on_resume, distribute_global_batches, is_chief, training_strategy, worker_output_dir,
+                         xla_supported)
 from .extract import PhaseInputError
 from .run_dir import RunDir, backbone_tag, fingerprint_of
 
@@ -59,7 +61,13 @@ _RESUME_STAMP = "resume.json"
 # Settings head mode ignores; kept out of its fingerprint so that adding them left finished heads up to date.
 FINETUNE_ONLY = ("finetune_layers", "finetune_learning_rate", "augment")
 # Settings that do not change what is learnt (the same global batches on any number of devices).
+# How training is run, not what is trained: changing them retrains nothing.
 NOT_FINGERPRINTED = ("devices",)
+# Settings the fingerprint always sees at one value: whether phase 3 exports the model
+# changes nothing about training (fixed at its default, so older fingerprints still match).
+FINGERPRINTED_AS = {"export": True}
+# What an export (pipeline/export.py, finetune's _save_model) adds to a model's folder.
+EXPORT_FILES = ("export.json", "embedding_model.keras", "saved_model")
 # Settings added after models were first trained, with the value that reproduces those
 # models: at that value they stay out of the fingerprint, so finished runs stay up to date.
 ADDED_LATER = {"mixed_precision": False, "positives": "label", "hard_negative_share": 0.0}
@@ -67,7 +75,7 @@ ADDED_LATER = {"mixed_precision": False, "positives": "label", "hard_negative_sh
 
 def fingerprinted_settings(settings: TrainConfig, exclude: Sequence[str] = ()) -> dict:
     """The training settings a model's fingerprint covers."""
-    values = {k: v for k, v in asdict(settings).items()
+    values = {k: FINGERPRINTED_AS.get(k, v) for k, v in asdict(settings).items()
               if k not in ("losses", "loss_params", *NOT_FINGERPRINTED, *exclude)
               and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     if settings.hard_negative_share <= 0:
@@ -277,7 +285,7 @@ class RetrievalValidation(keras.callbacks.Callback):
             self.seconds += time.perf_counter() - started
 
     def on_train_begin(self, logs=None):
-        # Runs before BackupAndRestore (later in the list) loads a backup, so on a
+        # Runs before EpochBackup (later in the list) loads a backup, so on a
         # resumed run too this scores the freshly initialised head.
         self.initial = self.evaluate()
 
@@ -354,7 +362,7 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     # The loss's full configuration, defaults included: a changed default retrains.
     fingerprint = fingerprint_of({"features": meta.get("fingerprint"), "created": meta.get("created"),
                                   "train": shared, "loss": loss_name, "loss_config": _jsonable(loss.get_config())})
-    started = begin_training(out, fingerprint, force)
+    started = begin_training(out, fingerprint, force, strategy)
     if started is None:
         return out
     resume_epoch, previous = started
@@ -407,7 +415,7 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     dataset = distribute_global_batches(strategy, rows_of_each_batch, batch_size)
 
     validator = RetrievalValidation(head, features[val_rows], labels[val_rows])
-    callbacks = _callbacks(out, settings, validator, previous, extra_callbacks)
+    callbacks = _callbacks(out, settings, validator, previous, extra_callbacks, resume_epoch)
     log.info("phase 3: %s / %s: %d training items (%d classes), %d validation items (%s), "
              "batches of %d classes x %d, %d steps/epoch", tag, loss_name, len(train_rows), train_classes.size,
              len(val_rows), validation["protocol"], n_classes, settings.n_samples_per_class, steps)
@@ -510,7 +518,7 @@ def fit_checked(model, dataset, steps: int, epochs: int, callbacks: list, out: P
                         verbose=1 if sys.stdout.isatty() else 2)
     finally:
         # An interrupted fit skips on_train_end, where CSVLogger closes its file;
-        # BackupAndRestore's state is left in place on purpose.
+        # EpochBackup's committed state is left in place on purpose.
         for callback in callbacks:
             if isinstance(callback, keras.callbacks.CSVLogger) and callback.csv_file is not None:
                 callback.csv_file.close()
@@ -519,8 +527,8 @@ def fit_checked(model, dataset, steps: int, epochs: int, callbacks: list, out: P
     history = _read_history(history_path)
     fit_losses = np.asarray(fit.history.get("loss", []), dtype=float)
     if not np.isfinite(fit_losses).all():
-        # TerminateOnNaN stopped the fit, which then ended normally, so BackupAndRestore
-        # has already dropped its backup: a rerun starts afresh.
+        # TerminateOnNaN stopped the fit, which then ended normally, so EpochBackup has
+        # already dropped its backup (it never commits a diverged epoch): a rerun starts afresh.
         (out / _RESUME_STAMP).unlink(missing_ok=True)
         bad_epoch = resume_epoch + int(np.flatnonzero(~np.isfinite(fit_losses))[0]) + 1
         raise TrainingDivergedError(
@@ -552,12 +560,10 @@ def fit_summary(history, fit, steps: int, seconds: float, validator, epochs: int
     }
 
 
-def _callbacks(out: Path, settings: TrainConfig, validator: RetrievalValidation, previous, extra) -> list:
+def _callbacks(out: Path, settings: TrainConfig, validator: RetrievalValidation, previous, extra,
+               resume_epoch: int = 0) -> list:
     checkpoints = out / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
-    prior_best = None
-    if len(previous) and np.isfinite(previous[MONITOR].to_numpy(dtype=float)).any():
-        prior_best = float(np.nanmax(previous[MONITOR].to_numpy(dtype=float)))
     early_stopping = keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max",
                                                    patience=settings.early_stopping_patience,
                                                    restore_best_weights=True)
@@ -567,16 +573,13 @@ def _callbacks(out: Path, settings: TrainConfig, validator: RetrievalValidation,
         keras.callbacks.TerminateOnNaN(),
         early_stopping,
         reduce_lr,
-        # initial_value_threshold: after a resume, only beat the best of the epochs before it.
-        keras.callbacks.ModelCheckpoint(str(checkpoints / "best.weights.h5"), monitor=MONITOR, mode="max",
-                                        save_best_only=True, save_weights_only=True,
-                                        initial_value_threshold=prior_best),
         PeriodicCheckpoint(str(checkpoints / "epoch_{epoch:03d}.weights.h5"), settings.checkpoint_every,
                            save_weights_only=True),
-        # Before BackupAndRestore: if a run dies between the two, the epoch is logged
-        # twice (and deduplicated) rather than not at all.
+        # Before the backup's commit: if a run dies between the two, the epoch is logged
+        # and then redone (begin_training trims the log to the committed epochs).
         keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
-        keras.callbacks.BackupAndRestore(backup_dir=str(out / "backup")),
+        # Last: it commits what the callbacks above produced (scores, learning rate).
+        EpochBackup(out / "backup", checkpoints / "best.weights.h5", MONITOR, resume_from=resume_epoch or None),
     ]
     if len(previous):
         callbacks.append(_RestoreMonitorState(previous, early_stopping, reduce_lr))
@@ -593,49 +596,70 @@ def _tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
-def begin_training(out: Path, fingerprint: str, force: bool):
+def begin_training(out: Path, fingerprint: str, force: bool, strategy=None):
     """None when `out` already holds this training (same fingerprint); else (epochs a backup
-    holds to resume after, 0 = fresh; the history of those epochs)."""
+    holds to resume after, 0 = fresh; the history of those epochs).
+
+    On a multi-worker cluster every worker looks at its own folder, then all take one
+    decision (pipeline/distribute.py `agree_on_resume`): a worker pre-empted one epoch
+    behind the others makes all of them resume from that earlier epoch.
+    """
     summary_path = out / "training.json"
-    if not force and summary_path.is_file() and atomic.read_json(summary_path).get("fingerprint") == fingerprint:
+    done = not force and summary_path.is_file() and _summary_fingerprint(summary_path) == fingerprint
+    stamp, backup = out / _RESUME_STAMP, out / "backup"
+    state = None
+    if not done and not force and stamp.is_file() and _stamp_fingerprint(stamp) == fingerprint:
+        state = read_state(backup)
+    latest = state["epoch"] if state else 0
+    before_latest = state["previous"]["epoch"] if state and state.get("previous") else 0
+    done, resume_epoch = agree_on_resume(strategy, done, latest, before_latest)
+    if done:
         log.info("phase 3: %s is up to date (use --force to redo)", out)
         return None
-    resume_epoch = _prepare_output_dir(out, fingerprint, force)
+    _prepare_output_dir(out, fingerprint, fresh=resume_epoch == 0,
+                        unusable_backup=backup.is_dir() and state is None and not force)
     history_path = out / "history.csv"
     previous = _read_history(history_path, before_epoch=resume_epoch)
     if resume_epoch:
         log.info("phase 3: resuming %s after epoch %d", out, resume_epoch)
-        # Rows beyond the backup (an epoch logged, then interrupted before its backup)
+        # Rows beyond the backup (an epoch logged, then interrupted before its commit)
         # are redone, so they go; CSVLogger appends to what remains.
         _write_history(history_path, previous)
     return resume_epoch, previous
 
 
-def _prepare_output_dir(out: Path, fingerprint: str, force: bool) -> int:
-    """Clear a stale or forced run's state; return the number of epochs a backup holds (0 = fresh)."""
-    stamp = out / _RESUME_STAMP
-    backup = out / "backup"
-    fresh = force or not stamp.is_file() or atomic.read_json(stamp).get("fingerprint") != fingerprint \
-        or not backup.is_dir()
+def _prepare_output_dir(out: Path, fingerprint: str, fresh: bool, unusable_backup: bool) -> None:
+    """Clear what a new (`fresh`) or resumed training must not find in `out`."""
     # The completion marker goes first: until training.json is rewritten, nothing in
-    # this folder claims to describe the current configuration.
+    # this folder claims to describe the current configuration. The exported model of an
+    # earlier training goes too, so it is never found beside a new one's files.
     (out / "training.json").unlink(missing_ok=True)
-    if fresh:
-        for name in ("backup", "checkpoints", "tensorboard"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("history.csv", "head.keras", "curves.png"):
-            (out / name).unlink(missing_ok=True)
-        atomic.write_json(stamp, {"fingerprint": fingerprint})
-        return 0
-    return _backup_epoch(backup)
+    for name in EXPORT_FILES:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if not fresh:
+        return
+    if unusable_backup:
+        log.warning("phase 3: %s holds no usable committed backup; training %s from the start", out / "backup", out)
+    for name in ("backup", "checkpoints", "tensorboard"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("history.csv", "head.keras", "curves.png"):
+        (out / name).unlink(missing_ok=True)
+    atomic.write_json(out / _RESUME_STAMP, {"fingerprint": fingerprint})
 
 
-def _backup_epoch(backup: Path) -> int:
-    """Epochs completed according to BackupAndRestore's metadata (0 when unreadable)."""
+def _summary_fingerprint(path: Path) -> str | None:
     try:
-        return int(atomic.read_json(backup / "training_metadata.json")["epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
+        return atomic.read_json(path).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _stamp_fingerprint(stamp: Path) -> str | None:
+    try:
+        return atomic.read_json(stamp).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _read_history(path: Path, before_epoch: int | None = None):

@@ -107,3 +107,22 @@ def test_comparison_says_how_each_model_was_trained(compared_run):
         assert t["epochs_run"] == summary["epochs_run"] == 3 and t["batch"] == "4×4"
         assert t["val_MAP@R_best"] == summary["best_val"]["MAP@R"]
     assert "How each model was trained" in (compared_run / "reports/c/comparison.html").read_text()
+
+
+def test_phase5_refuses_an_evaluation_of_an_older_model(tmp_path):
+    """Retraining in phase 3 without re-running phase 4 leaves phase-4 scores of the old model: phase 5 says so."""
+    images = make_class_folder(tmp_path / "images", n_classes=4, per_class=10)
+    args = ["--run", "s",
+            "--set", f"runs_dir={tmp_path}/runs", "--set", f"reports_dir={tmp_path}/reports",
+            "--set", f"data.tfrecords_dir={tmp_path}/tfrecords", "--set", "data.name=tiny",
+            "--set", "extract.backbones.0.alpha=0.25", "--set", "extract.backbones.0.image_size=32",
+            "--set", "extract.backbones.0.weights=none", "--set", "evaluate.projections=pca",
+            "--set", "evaluate.grid_queries=0", "--set", "train.losses=triplet",
+            "--set", "train.embedding_dim=8", "--set", "train.n_classes_per_batch=4",
+            "--set", "train.n_samples_per_class=2", "--set", "train.export=false"]
+    assert cli.main(["all", "--source", str(images), *args, "--set", "train.epochs=1"]) == 0
+    retrained = [*args, "--set", "train.epochs=2"]
+    assert cli.main(["phase3", *retrained]) == 0
+    assert cli.main(["phase5", *retrained]) == 1
+    assert cli.main(["phase4", *retrained]) == 0
+    assert cli.main(["phase5", *retrained]) == 0

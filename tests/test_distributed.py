@@ -126,3 +126,26 @@ def test_two_workers_train_like_one_device_and_only_the_chief_publishes(worker_r
     np.testing.assert_allclose(chief["training"]["loss"], other["training"]["loss"], rtol=1e-6)
     # Same settings as the one-device run of the mirrored check: the same losses.
     np.testing.assert_allclose(chief["training"]["loss"], report["training"]["loss_one"], rtol=1e-4, atol=1e-5)
+
+
+def test_workers_agree_to_resume_from_the_epoch_all_of_them_hold(worker_reports):
+    chief, other = (worker["resume"] for worker in worker_reports)
+    assert chief["committed_before"] == other["committed_before"] == 3
+    # Worker 1 was set back to epoch 2, so both resume after epoch 2 (the chief rolls back one).
+    assert chief["resumed_from_epoch"] == other["resumed_from_epoch"] == 2
+    assert chief["epochs"] == other["epochs"] == [0, 1, 2, 3]
+    np.testing.assert_allclose(chief["loss"], other["loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("views, decision", [
+    ([[1, 0, 0], [1, 0, 0]], (True, 0)),          # everyone finished
+    ([[1, 0, 0], [0, 3, 2]], (False, 0)),         # one finished (no backup left): all start over
+    ([[0, 3, 2], [0, 3, 2]], (False, 3)),         # in step
+    ([[0, 3, 2], [0, 2, 1]], (False, 2)),         # one pre-empted before its epoch-3 commit
+    ([[0, 4, 3], [0, 2, 1]], (False, 0)),         # two epochs apart: no common backup
+    ([[0, 3, 2], [0, 0, 0]], (False, 0)),         # one has nothing
+])
+def test_agreed_resume(views, decision):
+    from pipeline.distribute import agreed_resume
+
+    assert agreed_resume(views) == decision

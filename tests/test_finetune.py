@@ -48,6 +48,7 @@ def test_finetune_writes_training_artifacts(finetuned_run):
         assert (out / name).exists(), name
     summary = json.loads((out / "training.json").read_text())
     assert summary["mode"] == "finetune" and summary["finetune_layers"] == 5
+    assert summary["trainable_trunk_layers"] == 5 and summary["trunk_layers"] > 5
     assert summary["epochs_run"] == 2 and summary["trainable_backbone_parameters"] > 0
     assert summary["validation"]["protocol"] == "val_split"
     history = pd.read_csv(out / "history.csv")
@@ -91,6 +92,20 @@ def test_only_the_last_trunk_layers_changed(finetuned_run):
             np.testing.assert_array_equal(before, after)
     assert not np.array_equal(trained.get_layer("conv_pw_13").kernel.numpy(),
                               initial.get_layer("conv_pw_13").kernel.numpy())
+
+
+@pytest.mark.parametrize("finetune_layers, expected", [(0, "none"), (10_000, "all")])
+def test_finetune_layer_count_bounds(finetune_layers, expected):
+    from pipeline.config import BackboneConfig
+    from pipeline.finetune import build_finetune_model
+
+    backbone = BackboneConfig(name="mobilenet", weights="none", image_size=32, alpha=0.25)
+    _, trunk, _ = build_finetune_model(backbone, 8, finetune_layers)
+    with_weights = [layer for layer in trunk.layers
+                    if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)]
+    trainable = [layer for layer in with_weights if layer.trainable]
+    assert trainable == (with_weights if expected == "all" else [])
+    assert not any(layer.trainable for layer in trunk.layers if isinstance(layer, keras.layers.BatchNormalization))
 
 
 def test_augmented_batches_are_class_balanced():

@@ -205,7 +205,7 @@ def test_training_writes_its_artifacts(trained):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "checkpoints" / "best.weights.h5").is_file()
     assert (out / "checkpoints" / "epoch_002.weights.h5").is_file()
-    assert not (out / "backup").exists(), "BackupAndRestore clears its state after a finished fit"
+    assert not (out / "backup").exists(), "the backup is cleared after a finished fit"
 
 
 def test_head_keras_reloads_with_the_same_embeddings(trained, data):

@@ -10,13 +10,55 @@ workers on the phase-1 output the test wrote to the folder given as the first ar
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
+
 from pipeline.distribute import training_strategy  # noqa: E402
 from tests.replica_checks import compare_losses  # noqa: E402
+
+def _resume_after_uneven_preemption(runs: Path) -> dict:
+    """Both workers stop after committing epoch 3; worker 1 is then set back to its epoch-2
+    backup, as if it had been pre-empted before that commit. The rerun must resume both
+    after epoch 2, in step."""
+    import keras
+
+    from pipeline import atomic
+    from pipeline.checkpoints import STATE_FILE, read_state
+    from pipeline.train import run_train
+    from tests.test_train import make_config
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 2:
+                raise KeyboardInterrupt
+
+    config = make_config(runs, losses=["supcon"], epochs=4, steps_per_epoch=3, jit_compile=False, export=False,
+                         n_classes_per_batch=4)
+    try:
+        run_train(config, extra_callbacks=[Interrupt()])
+    except KeyboardInterrupt:
+        pass
+    index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    out = runs / "t" / "train" / "fake" / "supcon"
+    mine = out if index == 0 else out / f".worker-{index}"
+    backup = mine / "backup"
+    state = read_state(backup)
+    committed_before = state["epoch"]
+    if index == 1:
+        previous = state["previous"]
+        atomic.write_json(backup / STATE_FILE, {"epoch": previous["epoch"], "weights": previous["weights"],
+                                                "previous": None, "best": previous["best"]})
+    run_train(config)
+    summary = json.loads((mine / "training.json").read_text())
+    history = np.genfromtxt(mine / "history.csv", delimiter=",", names=True)
+    return {"committed_before": committed_before, "resumed_from_epoch": summary["resumed_from_epoch"],
+            "epochs": np.atleast_1d(history["epoch"]).tolist(), "loss": np.atleast_1d(history["loss"]).tolist()}
+
 
 if __name__ == "__main__":
     import tensorflow as tf
@@ -26,8 +68,6 @@ if __name__ == "__main__":
     report = {"multi_worker": isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy),
               "losses": compare_losses(tf.distribute.get_strategy(), strategy)}
 
-    import numpy as np
-
     from pipeline.train import run_train
     from tests.test_train import make_config
 
@@ -36,4 +76,5 @@ if __name__ == "__main__":
     history = np.genfromtxt(out / "history.csv", delimiter=",", names=True)
     report["training"] = {"out": str(out), "loss": np.atleast_1d(history["loss"]).tolist(),
                           "replicas": json.loads((out / "training.json").read_text())["distribution"]["replicas"]}
+    report["resume"] = _resume_after_uneven_preemption(Path(sys.argv[1]))
     print("RESULT " + json.dumps(report))

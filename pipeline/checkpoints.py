@@ -10,11 +10,15 @@ all at once by atomically replacing `state.json`:
 
     backup/epoch_NNN.weights.h5        model and optimizer after epoch NNN (the last two are kept)
     backup/best_epoch_NNN.weights.h5   the best epoch so far by the monitored score
-    backup/state.json                  {"epoch", "weights", "previous", "best": {"epoch", "value", "weights"}}
+    backup/state.json                  {"epoch", "weights", "previous", "best": {"epoch", "value", "weights"},
+                                        "finished"}
 
 A file that `state.json` does not name belongs to an epoch that was never committed
 and is deleted on resume. When the fit ends normally, the best weights are published
-as `best_path` and the backup folder goes (an interrupted fit keeps it).
+as `best_path` and the state is marked finished; the folder stays until the caller
+has published its results (pipeline/train.py `finish_training`), so a run that dies
+while saving or exporting resumes there, without training again. A diverged fit
+(a non-finite loss) drops the folder: there is nothing to resume.
 """
 from __future__ import annotations
 
@@ -73,13 +77,17 @@ class EpochBackup(keras.callbacks.Callback):
     it, so that the workers of a cluster can agree on one); None restores the latest.
     """
 
-    def __init__(self, backup_dir: str | Path, best_path: str | Path, monitor: str, resume_from: int | None = None):
+    def __init__(self, backup_dir: str | Path, best_path: str | Path, monitor: str, resume_from: int | None = None,
+                 finished: bool | None = None):
         super().__init__()
         self.backup_dir = Path(backup_dir)
         self.best_path = Path(best_path)
         self.monitor = monitor
         self.resume_from = resume_from
+        # Whether the restored fit had already ended (then no epoch runs); None: as the state says.
+        self.finished = finished
         self.state: dict | None = None
+        self._diverged = False
 
     # ----------------------------------------------------------------- restore
 
@@ -91,7 +99,7 @@ class EpochBackup(keras.callbacks.Callback):
                 raise BackupError(f"{self.backup_dir}: epoch {self.resume_from} is not among the committed "
                                   f"backups (latest {state['epoch']})")
             state = {"epoch": previous["epoch"], "weights": previous["weights"], "previous": None,
-                     "best": previous.get("best")}
+                     "best": previous.get("best"), "finished": False}
             if state["best"] and not (self.backup_dir / state["best"]["weights"]).is_file():
                 raise BackupError(f"{self.backup_dir}: the best weights of epoch {previous['epoch']} are missing")
             atomic.write_json(self.backup_dir / STATE_FILE, state)   # committed before the newer files go
@@ -102,8 +110,11 @@ class EpochBackup(keras.callbacks.Callback):
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
         self.model.load_weights(self.backup_dir / state["weights"])
-        # Read by Model.fit after on_train_begin, as for BackupAndRestore.
-        self.model._initial_epoch = state["epoch"]
+        # Read by Model.fit after on_train_begin, as for BackupAndRestore. A finished fit
+        # (early stopping included) starts at its last epoch: no epoch runs again.
+        finished = state.get("finished", False) if self.finished is None else self.finished
+        epochs = (self.params or {}).get("epochs", 0)
+        self.model._initial_epoch = max(state["epoch"], epochs) if finished else state["epoch"]
 
     # ----------------------------------------------------------------- commit
 
@@ -111,6 +122,7 @@ class EpochBackup(keras.callbacks.Callback):
         logs = logs or {}
         loss = logs.get("loss")
         if loss is not None and not math.isfinite(loss):
+            self._diverged = True
             return   # a diverged epoch is never committed
         completed = epoch + 1
         self.backup_dir.mkdir(parents=True, exist_ok=True)
@@ -124,16 +136,20 @@ class EpochBackup(keras.callbacks.Callback):
         previous = None
         if self.state is not None:
             previous = {"epoch": self.state["epoch"], "weights": self.state["weights"], "best": self.state.get("best")}
-        self.state = {"epoch": completed, "weights": weights, "previous": previous, "best": best}
+        self.state = {"epoch": completed, "weights": weights, "previous": previous, "best": best, "finished": False}
         atomic.write_json(self.backup_dir / STATE_FILE, self.state)   # the commit
         self._sweep()
 
     def on_train_end(self, logs=None):
-        best = (self.state or {}).get("best")
+        if self._diverged or self.state is None:
+            shutil.rmtree(self.backup_dir, ignore_errors=True)
+            return
+        best = self.state.get("best")
         if best is not None:
             with atomic.atomic_path(self.best_path) as tmp:
                 shutil.copyfile(self.backup_dir / best["weights"], tmp)
-        shutil.rmtree(self.backup_dir, ignore_errors=True)
+        self.state = {**self.state, "finished": True}
+        atomic.write_json(self.backup_dir / STATE_FILE, self.state)
 
     # ----------------------------------------------------------------- files
 

@@ -136,40 +136,45 @@ def worker_output_dir(out: Path, strategy) -> Path:
     return out / f".{resolver.task_type}-{resolver.task_id}"
 
 
-def agree_on_resume(strategy, done: bool, latest: int, before_latest: int) -> tuple[bool, int]:
-    """One decision for every worker of a cluster: (training already done, epoch to resume after; 0 = fresh).
+def agree_on_resume(strategy, done: bool, latest: int, before_latest: int,
+                    fit_finished: bool = False) -> tuple[bool, int, bool]:
+    """One decision for every worker of a cluster: (training already done, epoch to resume
+    after (0 = fresh), whether that fit had already ended).
 
-    Each worker passes what its own folder holds: whether its training is finished, the
+    Each worker passes what its own folder holds: whether its training is published, the
     latest committed backup epoch and the one before it (0 = none; pipeline/checkpoints.py
-    keeps two). Outside a multi-worker cluster the local view is the decision. Inside one,
+    keeps two), and whether the backed-up fit had ended. Outside a multi-worker cluster the local view is the decision. Inside one,
     a worker that disagrees would skip a different number of batches, run a different
     number of steps and hang the collectives, so the views are all-gathered first.
     """
     if not _is_multi_worker(strategy):
-        return done, latest
+        return done, latest, bool(fit_finished and latest)
     import numpy as np
     import tensorflow as tf
 
-    mine = tf.constant([[int(done), int(latest), int(before_latest)]], tf.int64)
+    mine = tf.constant([[int(done), int(latest), int(before_latest), int(fit_finished)]], tf.int64)
     per_replica = strategy.experimental_distribute_values_from_function(lambda context: mine)
     views = np.asarray(strategy.gather(per_replica, axis=0)).tolist()
     decision = agreed_resume(views)
-    if decision != (done, latest):
-        log.warning("phase 3: the workers' saved states differ (%s as [done, latest, before latest]); all %s",
+    if decision[:2] != (done, latest):
+        log.warning("phase 3: the workers' saved states differ (%s as [done, latest, before latest, fit "
+                    "finished]); all %s",
                     views, "resume after epoch %d" % decision[1] if decision[1] else "start from the beginning")
     return decision
 
 
-def agreed_resume(views: Sequence[Sequence[int]]) -> tuple[bool, int]:
-    """The decision of `agree_on_resume` from every worker's [done, latest, before_latest]."""
-    if all(done for done, _, _ in views):
-        return True, 0
-    if any(done for done, _, _ in views):
-        return False, 0   # a finished worker kept no backup: nobody can resume in step with it
-    epoch = min(latest for _, latest, _ in views)
-    if epoch and all(epoch in (latest, before) for _, latest, before in views):
-        return False, epoch
-    return False, 0
+def agreed_resume(views: Sequence[Sequence[int]]) -> tuple[bool, int, bool]:
+    """The decision of `agree_on_resume` from every worker's [done, latest, before_latest, fit_finished]."""
+    if all(view[0] for view in views):
+        return True, 0, False
+    if any(view[0] for view in views):
+        return False, 0, False   # a published worker kept no backup: nobody can resume in step with it
+    epoch = min(view[1] for view in views)
+    if epoch and all(epoch in (view[1], view[2]) for view in views):
+        # The fit counts as ended only if it ended at that epoch everywhere.
+        finished = all(view[1] == epoch and view[3] for view in views)
+        return False, epoch, finished
+    return False, 0, False
 
 
 def _is_multi_worker(strategy) -> bool:

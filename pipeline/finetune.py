@@ -244,7 +244,7 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
     started = begin_training(out, fingerprint, force, strategy)
     if started is None:
         return out
-    resume_epoch, previous = started
+    resume_epoch = started.epoch
     history_path = out / "history.csv"
 
     items, encoded = read_records(run_dir.dataset_dir)
@@ -294,7 +294,7 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
     val_images = plain_images(encoded[val_rows], extractor.image_size)
     validator = RetrievalValidation(embedding_model, None, labels[val_rows],
                                     embed=lambda: embedding_model.predict(val_images, verbose=0))
-    callbacks = _callbacks(out, settings, validator, previous, extra_callbacks, resume_epoch)
+    callbacks = _callbacks(out, settings, validator, extra_callbacks, started)
     n_trainable = sum(int(np.prod(w.shape)) for w in trunk.trainable_weights)
     trainable_layers = min(settings.finetune_layers, len(trunk.layers))
     log.info("phase 3 (finetune): %s / %s: %d training images (%d classes), %d validation images (%s), batches of "

@@ -40,7 +40,7 @@ import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import keras
 import numpy as np
@@ -365,7 +365,7 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     started = begin_training(out, fingerprint, force, strategy)
     if started is None:
         return out
-    resume_epoch, previous = started
+    resume_epoch = started.epoch
     history_path = out / "history.csv"
 
     items, features = phase1["items"], phase1["features"]
@@ -415,7 +415,7 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     dataset = distribute_global_batches(strategy, rows_of_each_batch, batch_size)
 
     validator = RetrievalValidation(head, features[val_rows], labels[val_rows])
-    callbacks = _callbacks(out, settings, validator, previous, extra_callbacks, resume_epoch)
+    callbacks = _callbacks(out, settings, validator, extra_callbacks, started)
     log.info("phase 3: %s / %s: %d training items (%d classes), %d validation items (%s), "
              "batches of %d classes x %d, %d steps/epoch", tag, loss_name, len(train_rows), train_classes.size,
              len(val_rows), validation["protocol"], n_classes, settings.n_samples_per_class, steps)
@@ -450,8 +450,10 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
 
 
 def finish_training(out: Path, summary: dict) -> Path:
-    """Publish training.json (the completion marker, written last) and drop the resume stamp."""
+    """Publish training.json (the completion marker, written last), then drop the backup
+    (kept until now so that a failure while saving resumes without retraining) and the stamp."""
     atomic.write_json(out / "training.json", summary)
+    shutil.rmtree(out / "backup", ignore_errors=True)
     (out / _RESUME_STAMP).unlink(missing_ok=True)
     log.info("phase 3: wrote %s (best epoch %d of %d: val P@1 %.4f, MAP@R %.4f; before training %.4f / %.4f)",
              out, summary["best_epoch"], summary["epochs_run"], summary["best_val"]["P@1"],
@@ -528,7 +530,7 @@ def fit_checked(model, dataset, steps: int, epochs: int, callbacks: list, out: P
     fit_losses = np.asarray(fit.history.get("loss", []), dtype=float)
     if not np.isfinite(fit_losses).all():
         # TerminateOnNaN stopped the fit, which then ended normally, so EpochBackup has
-        # already dropped its backup (it never commits a diverged epoch): a rerun starts afresh.
+        # already dropped its backup (a diverged fit leaves none): a rerun starts afresh.
         (out / _RESUME_STAMP).unlink(missing_ok=True)
         bad_epoch = resume_epoch + int(np.flatnonzero(~np.isfinite(fit_losses))[0]) + 1
         raise TrainingDivergedError(
@@ -560,8 +562,8 @@ def fit_summary(history, fit, steps: int, seconds: float, validator, epochs: int
     }
 
 
-def _callbacks(out: Path, settings: TrainConfig, validator: RetrievalValidation, previous, extra,
-               resume_epoch: int = 0) -> list:
+def _callbacks(out: Path, settings: TrainConfig, validator: RetrievalValidation, extra, resume: "Resume") -> list:
+    previous = resume.history
     checkpoints = out / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     early_stopping = keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max",
@@ -579,7 +581,8 @@ def _callbacks(out: Path, settings: TrainConfig, validator: RetrievalValidation,
         # and then redone (begin_training trims the log to the committed epochs).
         keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
         # Last: it commits what the callbacks above produced (scores, learning rate).
-        EpochBackup(out / "backup", checkpoints / "best.weights.h5", MONITOR, resume_from=resume_epoch or None),
+        EpochBackup(out / "backup", checkpoints / "best.weights.h5", MONITOR, resume_from=resume.epoch or None,
+                    finished=resume.fit_finished),
     ]
     if len(previous):
         callbacks.append(_RestoreMonitorState(previous, early_stopping, reduce_lr))
@@ -596,9 +599,16 @@ def _tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
-def begin_training(out: Path, fingerprint: str, force: bool, strategy=None):
-    """None when `out` already holds this training (same fingerprint); else (epochs a backup
-    holds to resume after, 0 = fresh; the history of those epochs).
+class Resume(NamedTuple):
+    """Where a training starts: after `epoch` committed epochs (0 = fresh), with their
+    `history`; `fit_finished` when those epochs were the whole fit (only saving is left)."""
+    epoch: int
+    history: "object"
+    fit_finished: bool = False
+
+
+def begin_training(out: Path, fingerprint: str, force: bool, strategy=None) -> Resume | None:
+    """None when `out` already holds this training (same fingerprint); else where it starts.
 
     On a multi-worker cluster every worker looks at its own folder, then all take one
     decision (pipeline/distribute.py `agree_on_resume`): a worker pre-empted one epoch
@@ -612,7 +622,8 @@ def begin_training(out: Path, fingerprint: str, force: bool, strategy=None):
         state = read_state(backup)
     latest = state["epoch"] if state else 0
     before_latest = state["previous"]["epoch"] if state and state.get("previous") else 0
-    done, resume_epoch = agree_on_resume(strategy, done, latest, before_latest)
+    done, resume_epoch, fit_finished = agree_on_resume(strategy, done, latest, before_latest,
+                                                       bool(state and state.get("finished")))
     if done:
         log.info("phase 3: %s is up to date (use --force to redo)", out)
         return None
@@ -620,12 +631,15 @@ def begin_training(out: Path, fingerprint: str, force: bool, strategy=None):
                         unusable_backup=backup.is_dir() and state is None and not force)
     history_path = out / "history.csv"
     previous = _read_history(history_path, before_epoch=resume_epoch)
-    if resume_epoch:
+    if fit_finished:
+        log.info("phase 3: %s finished training (%d epochs) but not saving; saving it now", out, resume_epoch)
+    elif resume_epoch:
         log.info("phase 3: resuming %s after epoch %d", out, resume_epoch)
+    if resume_epoch:
         # Rows beyond the backup (an epoch logged, then interrupted before its commit)
         # are redone, so they go; CSVLogger appends to what remains.
         _write_history(history_path, previous)
-    return resume_epoch, previous
+    return Resume(resume_epoch, previous, fit_finished)
 
 
 def _prepare_output_dir(out: Path, fingerprint: str, fresh: bool, unusable_backup: bool) -> None:

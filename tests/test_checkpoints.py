@@ -170,7 +170,7 @@ def test_roll_back_to_the_previous_committed_epoch(tmp_path):
         other.on_train_begin()
 
 
-def test_best_weights_are_published_only_when_the_fit_ends(tmp_path):
+def test_best_weights_are_published_when_the_fit_ends(tmp_path):
     x = np.random.default_rng(0).normal(size=(16, 3)).astype("float32")
     model = _tiny_model()
     scores = iter([0.3, 0.1, float("nan")])
@@ -184,7 +184,8 @@ def test_best_weights_are_published_only_when_the_fit_ends(tmp_path):
     best = tmp_path / "best.weights.h5"
     model.fit(x, np.zeros((16, 2), "float32"), epochs=3, verbose=0,
               callbacks=[Score(), EpochBackup(tmp_path / "backup", best, MONITOR)])
-    assert best.is_file() and not (tmp_path / "backup").exists()
+    assert best.is_file()
+    assert read_state(tmp_path / "backup")["finished"], "kept, marked finished, until the results are saved"
     check = _tiny_model()
     check.optimizer.build(check.trainable_variables)
     check.load_weights(best)
@@ -208,3 +209,44 @@ def test_the_export_switch_is_not_part_of_the_fingerprint():
     from pipeline.config import TrainConfig
 
     assert fingerprinted_settings(TrainConfig(export=False)) == fingerprinted_settings(TrainConfig(export=True))
+
+
+class _RecordEpochs(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+
+def test_a_failure_while_saving_resumes_without_training_again(tmp_path, data, uninterrupted, monkeypatch):
+    import pipeline.train
+
+    runs = tmp_path / "runs"
+    write_phase1(runs, *data)
+    config = make_config(runs, epochs=5, steps_per_epoch=4)
+    out = _out(runs)
+
+    def fails(*args, **kwargs):
+        raise OSError("disk full")
+
+    real_save_head = pipeline.train._save_head
+    monkeypatch.setattr(pipeline.train, "_save_head", fails)
+    with pytest.raises(OSError, match="disk full"):
+        run_train(config)
+    monkeypatch.setattr(pipeline.train, "_save_head", real_save_head)
+    state = read_state(out / "backup")
+    assert state["finished"] and state["epoch"] == 5 and (out / "checkpoints" / "best.weights.h5").is_file()
+    assert not (out / "training.json").exists()
+
+    recorder = _RecordEpochs()
+    run_train(config, extra_callbacks=[recorder])
+    assert recorder.epochs == [], "the finished fit is not run again"
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["epochs_run"] == 5 and summary["resumed_from_epoch"] == 5 and summary["epochs_this_fit"] == 0
+    reference = json.loads((uninterrupted / "training.json").read_text())
+    assert summary["best_epoch"] == reference["best_epoch"]
+    assert summary["best_val"]["MAP@R"] == pytest.approx(reference["best_val"]["MAP@R"], abs=1e-5)
+    _best_weights_match_the_summary(out, data)
+    assert not (out / "backup").exists()

@@ -93,6 +93,9 @@ class EpochBackup(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         state = read_state(self.backup_dir)
+        if state is None and self.resume_from is not None:
+            # The caller skips batches and trims the history for this resume: never train afresh under it.
+            raise BackupError(f"{self.backup_dir}: no committed backup to resume after epoch {self.resume_from}")
         if state is not None and self.resume_from is not None and self.resume_from != state["epoch"]:
             previous = state.get("previous")
             if not previous or previous["epoch"] != self.resume_from:
@@ -136,7 +139,11 @@ class EpochBackup(keras.callbacks.Callback):
         previous = None
         if self.state is not None:
             previous = {"epoch": self.state["epoch"], "weights": self.state["weights"], "best": self.state.get("best")}
-        self.state = {"epoch": completed, "weights": weights, "previous": previous, "best": best, "finished": False}
+        # The last epoch, or early stopping's (it runs earlier in the list): committed as the
+        # end of the fit, so a kill before on_train_end does not train on past the stop.
+        finished = bool(self.model.stop_training) or completed >= (self.params or {}).get("epochs", completed + 1)
+        self.state = {"epoch": completed, "weights": weights, "previous": previous, "best": best,
+                      "finished": finished}
         atomic.write_json(self.backup_dir / STATE_FILE, self.state)   # the commit
         self._sweep()
 

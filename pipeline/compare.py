@@ -16,7 +16,7 @@ import numpy as np
 from . import atomic
 from .config import RunConfig
 from .extract import PhaseInputError
-from .reevaluate import trained_tag
+from .reevaluate import trained_embeddings_fingerprint, trained_tag
 from .run_dir import RunDir, backbone_tag
 
 log = logging.getLogger("embedlab.compare")
@@ -62,7 +62,7 @@ def _check_current(run_dir: RunDir, config: RunConfig, tag: str, loss: str, eval
         return
     training_path = run_dir.train_dir(tag, loss) / "training.json"
     training = atomic.read_json(training_path) if training_path.is_file() else {}
-    if not str(emb_meta.get("fingerprint", "")).startswith(f"{training.get('fingerprint')}-"):
+    if not training or emb_meta.get("fingerprint") != trained_embeddings_fingerprint(training, config.extract):
         raise PhaseInputError(f"the phase-4 embeddings of {eval_tag} are not of the model in {training_path.parent} "
                               "(it was retrained, or its training is unfinished): run `python run.py phase3` and "
                               "`python run.py phase4`")

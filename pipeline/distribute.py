@@ -152,23 +152,24 @@ def agree_on_resume(strategy, done: bool, latest: int, before_latest: int,
     import numpy as np
     import tensorflow as tf
 
-    mine = tf.constant([[int(done), int(latest), int(before_latest), int(fit_finished)]], tf.int64)
+    mine = tf.constant([[int(done), int(latest), int(before_latest), int(fit_finished), int(is_chief(strategy))]],
+                       tf.int64)
     per_replica = strategy.experimental_distribute_values_from_function(lambda context: mine)
     views = np.asarray(strategy.gather(per_replica, axis=0)).tolist()
     decision = agreed_resume(views)
     if decision[:2] != (done, latest):
         log.warning("phase 3: the workers' saved states differ (%s as [done, latest, before latest, fit "
-                    "finished]); all %s",
+                    "finished, chief]); all %s",
                     views, "resume after epoch %d" % decision[1] if decision[1] else "start from the beginning")
     return decision
 
 
 def agreed_resume(views: Sequence[Sequence[int]]) -> tuple[bool, int, bool]:
-    """The decision of `agree_on_resume` from every worker's [done, latest, before_latest, fit_finished]."""
-    if all(view[0] for view in views):
-        return True, 0, False
+    """The decision of `agree_on_resume` from every worker's [done, latest, before_latest, fit_finished, chief]."""
+    if any(view[0] and view[4] for view in views):
+        return True, 0, False   # the chief published: the other workers' folders are only scratch
     if any(view[0] for view in views):
-        return False, 0, False   # a published worker kept no backup: nobody can resume in step with it
+        return False, 0, False   # a worker that published kept no backup: nobody can resume in step with it
     epoch = min(view[1] for view in views)
     if epoch and all(epoch in (view[1], view[2]) for view in views):
         # The fit counts as ended only if it ended at that epoch everywhere.

@@ -26,6 +26,13 @@ from .run_dir import RunDir, backbone_tag
 log = logging.getLogger("embedlab.reevaluate")
 
 
+def trained_embeddings_fingerprint(training: dict, extract) -> str:
+    """What phase-4 embeddings were computed from: this training (its settings and the
+    moment it finished, so a forced retrain under the same settings counts as new) and
+    these storage settings."""
+    return f"{training.get('fingerprint')}-{training.get('created')}-{extract.dtype}-{extract.index}"
+
+
 def trained_tag(tag: str, loss: str) -> str:
     return f"{tag}+{loss}"
 
@@ -99,7 +106,7 @@ def run_reevaluate(config: RunConfig, force: bool = False) -> list[str]:
             training = atomic.read_json(source / "training.json")
             out = run_dir.embeddings_dir(new_tag)
             meta_path = out / "meta.json"
-            fingerprint = f"{training.get('fingerprint')}-{config.extract.dtype}-{config.extract.index}"
+            fingerprint = trained_embeddings_fingerprint(training, config.extract)
             if force or not meta_path.is_file() or atomic.read_json(meta_path).get("fingerprint") != fingerprint:
                 items, _, raw, base_meta = load_embeddings(run_dir.embeddings_dir(tag))
                 if finetuned:

@@ -321,7 +321,10 @@ class _RestoreMonitorState(keras.callbacks.Callback):
     """After a resume, gives EarlyStopping and ReduceLROnPlateau the state of the epochs already run.
 
     Both reset themselves in on_train_begin; without this, patience would restart
-    and the pre-interruption best score would be forgotten. Must follow them in the list.
+    and the pre-interruption best score would be forgotten. The logged scores are
+    replayed through each callback's own rule (its min_delta, ReduceLROnPlateau's
+    cooldown), so the resumed run stops and lowers the rate where an uninterrupted
+    one would. Must follow them in the list.
     """
 
     def __init__(self, history, early_stopping, reduce_lr):
@@ -330,17 +333,36 @@ class _RestoreMonitorState(keras.callbacks.Callback):
         self.monitors = (early_stopping, reduce_lr)
 
     def on_train_begin(self, logs=None):
-        scores = self.history[MONITOR].to_numpy(dtype=float) if len(self.history) else np.array([])
-        if not np.isfinite(scores).any():
-            return
-        best_index = int(np.nanargmax(scores))
-        since_best = len(scores) - 1 - best_index
         early_stopping, reduce_lr = self.monitors
-        early_stopping.best = reduce_lr.best = float(scores[best_index])
-        early_stopping.best_epoch = int(self.history["epoch"].iloc[best_index])
-        early_stopping.wait = since_best
-        # ReduceLROnPlateau restarts its count after every reduction (no cooldown here).
-        reduce_lr.wait = since_best % reduce_lr.patience if reduce_lr.patience else 0
+        for callback in self.monitors:
+            if callback.monitor_op is None:
+                callback._set_monitor_op()
+        rates = self.history["learning_rate"].to_numpy(dtype=float) if "learning_rate" in self.history else None
+        for row, (epoch, score) in enumerate(zip(self.history["epoch"].to_numpy(dtype=int),
+                                                 self.history[MONITOR].to_numpy(dtype=float))):
+            _replay_early_stopping(early_stopping, int(epoch), float(score))
+            _replay_reduce_lr(reduce_lr, float(score), None if rates is None else float(rates[row]))
+
+
+def _replay_early_stopping(callback, epoch: int, score: float) -> None:
+    """EarlyStopping.on_epoch_end's bookkeeping for one logged epoch (weights and stopping aside)."""
+    callback.wait += 1
+    if callback._is_improvement(score, callback.best):
+        callback.best, callback.best_epoch, callback.wait = score, epoch, 0
+
+
+def _replay_reduce_lr(callback, score: float, learning_rate: float | None) -> None:
+    """ReduceLROnPlateau.on_epoch_end's bookkeeping for one logged epoch; the rate itself
+    comes back with the optimizer state."""
+    if callback.in_cooldown():
+        callback.cooldown_counter -= 1
+        callback.wait = 0
+    if callback._is_improvement(score, callback.best):
+        callback.best, callback.wait = score, 0
+    elif not callback.in_cooldown():
+        callback.wait += 1
+        if callback.wait >= callback.patience and (learning_rate is None or learning_rate > callback.min_lr):
+            callback.cooldown_counter, callback.wait = callback.cooldown, 0
 
 
 # --------------------------------------------------------------------------- training

@@ -250,3 +250,29 @@ def test_a_failure_while_saving_resumes_without_training_again(tmp_path, data, u
     assert summary["best_val"]["MAP@R"] == pytest.approx(reference["best_val"]["MAP@R"], abs=1e-5)
     _best_weights_match_the_summary(out, data)
     assert not (out / "backup").exists()
+
+
+def test_a_kill_after_early_stopping_commits_does_not_train_past_the_stop(tmp_path, data):
+    settings = dict(epochs=15, steps_per_epoch=4, early_stopping_patience=1, reduce_lr_patience=10,
+                    learning_rate=0.3)
+    straight_runs = tmp_path / "straight"
+    write_phase1(straight_runs, *data)
+    (straight,) = run_train(make_config(straight_runs, **settings))
+    reference = json.loads((straight / "training.json").read_text())
+    assert reference["stopped_early"], "the set-up must stop early to test this"
+
+    class KillOnceStopped(keras.callbacks.Callback):   # after EpochBackup's commit of the stopping epoch
+        def on_epoch_end(self, epoch, logs=None):
+            if self.model.stop_training:
+                raise KeyboardInterrupt
+
+    runs = tmp_path / "runs"
+    write_phase1(runs, *data)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(make_config(runs, **settings), extra_callbacks=[KillOnceStopped()])
+    assert read_state(_out(runs) / "backup")["finished"]
+    recorder = _RecordEpochs()
+    run_train(make_config(runs, **settings), extra_callbacks=[recorder])
+    assert recorder.epochs == []
+    summary = json.loads((_out(runs) / "training.json").read_text())
+    assert summary["epochs_run"] == reference["epochs_run"] and summary["best_epoch"] == reference["best_epoch"]

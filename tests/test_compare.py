@@ -126,3 +126,6 @@ def test_phase5_refuses_an_evaluation_of_an_older_model(tmp_path):
     assert cli.main(["phase5", *retrained]) == 1
     assert cli.main(["phase4", *retrained]) == 0
     assert cli.main(["phase5", *retrained]) == 0
+    # Forced retraining under the same settings is a new model too.
+    assert cli.main(["phase3", *retrained, "--force"]) == 0
+    assert cli.main(["phase5", *retrained]) == 1

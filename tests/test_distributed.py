@@ -138,15 +138,17 @@ def test_workers_agree_to_resume_from_the_epoch_all_of_them_hold(worker_reports)
 
 
 @pytest.mark.parametrize("views, decision", [
-    ([[1, 0, 0, 0], [1, 0, 0, 0]], (True, 0, False)),      # everyone published
-    ([[1, 0, 0, 0], [0, 3, 2, 0]], (False, 0, False)),     # one published (no backup left): all start over
-    ([[0, 3, 2, 0], [0, 3, 2, 0]], (False, 3, False)),     # in step
-    ([[0, 3, 2, 0], [0, 2, 1, 0]], (False, 2, False)),     # one pre-empted before its epoch-3 commit
-    ([[0, 4, 3, 0], [0, 2, 1, 0]], (False, 0, False)),     # two epochs apart: no common backup
-    ([[0, 3, 2, 0], [0, 0, 0, 0]], (False, 0, False)),     # one has nothing
-    ([[0, 5, 4, 1], [0, 5, 4, 1]], (False, 5, True)),      # the fit ended everywhere; only saving is left
-    ([[0, 5, 4, 1], [0, 5, 4, 0]], (False, 5, False)),     # one did not record the end: finish in step
-    ([[0, 5, 4, 1], [0, 4, 3, 0]], (False, 4, False)),     # one a commit behind: all go back to epoch 4
+    # [done, latest, before latest, fit finished, chief]; the chief first.
+    ([[1, 0, 0, 0, 1], [1, 0, 0, 0, 0]], (True, 0, False)),      # everyone published
+    ([[1, 0, 0, 0, 1], [0, 5, 4, 1, 0]], (True, 0, False)),      # the chief published: the rest is scratch
+    ([[0, 3, 2, 0, 1], [1, 0, 0, 0, 0]], (False, 0, False)),     # only a worker published: all start over
+    ([[0, 3, 2, 0, 1], [0, 3, 2, 0, 0]], (False, 3, False)),     # in step
+    ([[0, 3, 2, 0, 1], [0, 2, 1, 0, 0]], (False, 2, False)),     # one pre-empted before its epoch-3 commit
+    ([[0, 4, 3, 0, 1], [0, 2, 1, 0, 0]], (False, 0, False)),     # two epochs apart: no common backup
+    ([[0, 3, 2, 0, 1], [0, 0, 0, 0, 0]], (False, 0, False)),     # one has nothing
+    ([[0, 5, 4, 1, 1], [0, 5, 4, 1, 0]], (False, 5, True)),      # the fit ended everywhere; only saving is left
+    ([[0, 5, 4, 1, 1], [0, 5, 4, 0, 0]], (False, 5, False)),     # one did not record the end: finish in step
+    ([[0, 5, 4, 1, 1], [0, 4, 3, 0, 0]], (False, 4, False)),     # one a commit behind: all go back to epoch 4
 ])
 def test_agreed_resume(views, decision):
     from pipeline.distribute import agreed_resume

@@ -287,6 +287,42 @@ def test_resume_gives_early_stopping_and_lr_schedule_their_state_back():
     assert reduce.wait == 1, "the learning rate was cut after two of them, which restarted the count"
 
 
+@pytest.mark.parametrize("cooldown", [0, 1])
+def test_resumed_monitor_state_equals_the_uninterrupted_one(cooldown):
+    """Replaying the logged scores gives EarlyStopping and ReduceLROnPlateau exactly the state
+    they reach epoch by epoch, min_delta (1e-4 for ReduceLROnPlateau) and cooldown included."""
+    from pipeline.train import MONITOR, _RestoreMonitorState
+
+    scores = [0.5, 0.50005, 0.3, 0.3, 0.6, 0.6, 0.60001, 0.2, 0.1]
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
+
+    def fresh():
+        early = keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=50)
+        reduce = keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", patience=2, cooldown=cooldown)
+        for callback in (early, reduce):
+            callback.set_model(model)
+            callback.on_train_begin()
+        return early, reduce
+
+    early, reduce = fresh()
+    rows = []
+    for epoch, score in enumerate(scores):
+        logs = {MONITOR: score}
+        early.on_epoch_end(epoch, logs)
+        reduce.on_epoch_end(epoch, logs)   # adds the epoch's learning rate to the logs
+        rows.append({"epoch": epoch, MONITOR: score, "learning_rate": logs["learning_rate"]})
+        resumed_early, resumed_reduce = fresh()
+        restore = _RestoreMonitorState(pd.DataFrame(rows), resumed_early, resumed_reduce)
+        restore.set_model(model)
+        restore.on_train_begin()
+        assert (resumed_early.wait, float(resumed_early.best), resumed_early.best_epoch) == \
+            (early.wait, float(early.best), early.best_epoch), epoch
+        assert (resumed_reduce.wait, float(resumed_reduce.best), resumed_reduce.cooldown_counter) == \
+            (reduce.wait, float(reduce.best), reduce.cooldown_counter), epoch
+    assert reduce.model.optimizer.learning_rate < 0.1, "the sequence did trigger reductions"
+
+
 def test_nan_loss_stops_with_a_clear_error_and_saves_no_head(tmp_path, data, monkeypatch):
     import models.losses
 

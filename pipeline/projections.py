@@ -54,6 +54,21 @@ def _has_zero_rows(x: np.ndarray) -> bool:
     return bool(np.any(np.linalg.norm(x, axis=1) <= 1e-12))
 
 
+class CollapsedEmbeddingError(ValueError):
+    """All points (nearly) coincide: there is no structure to lay out."""
+
+
+def _check_not_collapsed(x: np.ndarray, rtol: float = 1e-5) -> None:
+    # Points that agree to float rounding are not "duplicates" to t-SNE's Barnes-Hut
+    # tree, which then subdivides them down to the last bit and overflows the stack
+    # (a segmentation fault, not an exception). A collapsed model produces exactly that.
+    spread = float(np.max(np.abs(x - x.mean(axis=0, keepdims=True))))
+    scale = float(np.max(np.abs(x))) or 1.0
+    if spread <= rtol * scale:
+        raise CollapsedEmbeddingError(
+            f"all {len(x)} points coincide (spread {spread:.1e}): the embedding has collapsed, nothing to lay out")
+
+
 def _tsne(x: np.ndarray, seed: int) -> np.ndarray:
     from sklearn.manifold import TSNE
 
@@ -109,6 +124,8 @@ def project_2d(x: np.ndarray, method: str, *, seed: int = 0) -> np.ndarray:
     if n == 1:
         return np.zeros((1, 2), dtype=np.float32)
 
+    if method in ("tsne", "umap") and n >= _MIN_POINTS_TSNE:
+        _check_not_collapsed(x)
     if method == "tsne" and n >= _MIN_POINTS_TSNE:
         y = _tsne(x, seed)
     elif method == "umap" and n >= _MIN_POINTS_UMAP:
@@ -204,13 +221,19 @@ class BackgroundProjections:
             self._future = None
 
     def result(self) -> dict[str, np.ndarray | str]:
+        x, methods, seed = self._inline
         try:
             if self._future is not None:
                 try:
                     return self._future.result()
-                except Exception:  # the worker died (e.g. killed for memory): fall back in-line
-                    pass
-            x, methods, seed = self._inline
+                except Exception as exc:
+                    # The worker died: killed for memory, or a crash inside t-SNE/UMAP's
+                    # native code. Either would take this process down too if rerun here,
+                    # so only PCA (exact, cheap) is computed; the others report the failure.
+                    died = f"the projection process died ({type(exc).__name__}: {exc}); not computed"
+                    out = project_all(x, [m for m in methods if m == "pca"], seed)
+                    out.update({_DISPLAY_NAMES[m]: died for m in methods if m != "pca"})
+                    return {_DISPLAY_NAMES[m]: out[_DISPLAY_NAMES[m]] for m in methods}
             return project_all(x, methods, seed)
         finally:
             if self._executor is not None:

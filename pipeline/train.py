@@ -480,6 +480,12 @@ def finish_training(out: Path, summary: dict) -> Path:
     log.info("phase 3: wrote %s (best epoch %d of %d: val P@1 %.4f, MAP@R %.4f; before training %.4f / %.4f)",
              out, summary["best_epoch"], summary["epochs_run"], summary["best_val"]["P@1"],
              summary["best_val"]["MAP@R"], summary["initial_val"]["P@1"], summary["initial_val"]["MAP@R"])
+    if summary["best_val"]["MAP@R"] < summary["initial_val"]["MAP@R"]:
+        # Every epoch made validation retrieval worse than the untrained model (often a collapse:
+        # all embeddings pulled together). The model is saved, but the user should know.
+        log.warning("phase 3: %s: no epoch beat the untrained model on validation MAP@R (%.4f < %.4f); check the "
+                    "learning rate, the loss parameters and the batch composition", out,
+                    summary["best_val"]["MAP@R"], summary["initial_val"]["MAP@R"])
     return out
 
 

@@ -325,3 +325,34 @@ def test_format_and_reading_helpers(tmp_path):
     assert [r["variant"] for r in view["backbones"][0]["rows"]] == ["unit/cosine", "unit/euclidean", "raw/euclidean"]
     assert len(view["comparison"]["rows"]) == 6
     assert view["backbones"][0]["rows"][0]["cells"][0]["text"] == "0.812"
+
+
+def test_collapsed_embeddings_are_reported_not_laid_out():
+    """A collapsed model's vectors agree to float rounding; t-SNE's Barnes-Hut tree would
+    recurse on them until the process segfaults, so they are refused with a message."""
+    from pipeline.projections import project_all
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=64)
+    x = (base / np.linalg.norm(base) + rng.normal(scale=1e-9, size=(60, 64))).astype(np.float32)
+    out = project_all(x, ["pca", "tsne", "umap"], seed=0)
+    assert out["PCA"].shape == (60, 2)
+    assert "collapsed" in out["t-SNE"] and "collapsed" in out["UMAP"]
+
+
+def test_a_dead_projection_process_is_reported_without_rerunning_in_process():
+    import concurrent.futures
+    from concurrent.futures.process import BrokenProcessPool
+
+    from pipeline.projections import BackgroundProjections
+
+    x = np.random.default_rng(0).normal(size=(30, 8))
+    background = BackgroundProjections(x, [])          # no worker started
+    background._inline = (x, ["pca", "tsne"], 0)
+    died = concurrent.futures.Future()
+    died.set_exception(BrokenProcessPool("a child process terminated abruptly"))
+    background._future = died
+    out = background.result()
+    assert list(out) == ["PCA", "t-SNE"]
+    assert out["PCA"].shape == (30, 2)
+    assert "projection process died" in out["t-SNE"] and "terminated abruptly" in out["t-SNE"]

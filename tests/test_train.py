@@ -407,3 +407,14 @@ def test_hard_negative_batches_train_and_are_recorded(tmp_path, data):
     summary = json.loads((out / "training.json").read_text())
     assert summary["hard_negatives"] == {"share": 0.5, "per_item": 5}
     assert np.isfinite(summary["best_val"]["MAP@R"])
+
+
+def test_a_training_that_never_beat_the_untrained_model_is_flagged(tmp_path, caplog):
+    from pipeline.train import finish_training
+
+    summary = {"best_epoch": 1, "epochs_run": 6, "best_val": {"P@1": 0.22, "MAP@R": 0.14},
+               "initial_val": {"P@1": 0.78, "MAP@R": 0.78}}
+    with caplog.at_level("WARNING", logger="embedlab.train"):
+        finish_training(tmp_path, summary)
+    assert "no epoch beat the untrained model" in caplog.text
+    assert json.loads((tmp_path / "training.json").read_text())["best_epoch"] == 1

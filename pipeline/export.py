@@ -77,13 +77,14 @@ def export_embedding_model(run_dir: RunDir, backbone: BackboneConfig, loss: str,
         if max_error > tolerance:
             raise ExportError(f"{tag}/{loss}: the composed model differs from the trained head by {max_error:.2e}")
 
-    with atomic.atomic_path(out / "embedding_model.keras") as tmp:
-        model.save(tmp)
-    # The SavedModel must serve what the Keras model it was exported from computes.
+    # The SavedModel must serve what the Keras model it was exported from computes;
+    # checked first, so a failing export publishes neither file.
     composed = None if max_error is None else model.predict(probe_images, verbose=0)
     served_error = write_saved_model(model, out / "saved_model", probe_images, composed)
     if served_error is not None:
         max_error = max(max_error, served_error)
+    with atomic.atomic_path(out / "embedding_model.keras") as tmp:
+        model.save(tmp)
     write_export_manifest(out, tag, loss, image_size, int(head.outputs[0].shape[-1]),
                           0 if probe_images is None else int(len(probe_images)), max_error,
                           "head applied to the phase-1 features of the same images")

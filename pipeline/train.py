@@ -61,7 +61,6 @@ _RESUME_STAMP = "resume.json"
 # Settings head mode ignores; kept out of its fingerprint so that adding them left finished heads up to date.
 FINETUNE_ONLY = ("finetune_layers", "finetune_learning_rate", "augment")
 # Settings that do not change what is learnt (the same global batches on any number of devices).
-# How training is run, not what is trained: changing them retrains nothing.
 NOT_FINGERPRINTED = ("devices",)
 # Settings the fingerprint always sees at one value: whether phase 3 exports the model
 # changes nothing about training (fixed at its default, so older fingerprints still match).
@@ -643,10 +642,10 @@ def begin_training(out: Path, fingerprint: str, force: bool, strategy=None) -> R
     behind the others makes all of them resume from that earlier epoch.
     """
     summary_path = out / "training.json"
-    done = not force and summary_path.is_file() and _summary_fingerprint(summary_path) == fingerprint
+    done = not force and summary_path.is_file() and _recorded_fingerprint(summary_path) == fingerprint
     stamp, backup = out / _RESUME_STAMP, out / "backup"
     state = None
-    if not done and not force and stamp.is_file() and _stamp_fingerprint(stamp) == fingerprint:
+    if not done and not force and stamp.is_file() and _recorded_fingerprint(stamp) == fingerprint:
         state = read_state(backup)
     latest = state["epoch"] if state else 0
     before_latest = state["previous"]["epoch"] if state and state.get("previous") else 0
@@ -690,16 +689,10 @@ def _prepare_output_dir(out: Path, fingerprint: str, fresh: bool, unusable_backu
     atomic.write_json(out / _RESUME_STAMP, {"fingerprint": fingerprint})
 
 
-def _summary_fingerprint(path: Path) -> str | None:
+def _recorded_fingerprint(path: Path) -> str | None:
+    """The "fingerprint" a JSON file (training.json, resume.json) records; None if unreadable."""
     try:
         return atomic.read_json(path).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _stamp_fingerprint(stamp: Path) -> str | None:
-    try:
-        return atomic.read_json(stamp).get("fingerprint")
     except (OSError, ValueError, AttributeError):
         return None
 

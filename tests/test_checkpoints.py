@@ -12,7 +12,7 @@ import pytest
 from pipeline import atomic, checkpoints
 from pipeline.checkpoints import BackupError, EpochBackup, read_state
 from pipeline.train import fingerprinted_settings, run_train
-from tests.test_train import TAG, clustered_features, make_config, write_phase1
+from tests.test_train import TAG, _Interrupt, _RecordEpochs, clustered_features, make_config, write_phase1
 
 MONITOR = "val_MAP@R"
 
@@ -28,16 +28,6 @@ def uninterrupted(tmp_path_factory, data):
     write_phase1(runs, *data)
     (out,) = run_train(make_config(runs, epochs=5, steps_per_epoch=4))
     return out
-
-
-class _Interrupt(keras.callbacks.Callback):
-    def __init__(self, after_epoch: int):
-        super().__init__()
-        self.after_epoch = after_epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 == self.after_epoch:
-            raise KeyboardInterrupt
 
 
 def _out(runs: Path) -> Path:
@@ -209,15 +199,6 @@ def test_the_export_switch_is_not_part_of_the_fingerprint():
     from pipeline.config import TrainConfig
 
     assert fingerprinted_settings(TrainConfig(export=False)) == fingerprinted_settings(TrainConfig(export=True))
-
-
-class _RecordEpochs(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.epochs = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epochs.append(epoch)
 
 
 def test_a_failure_while_saving_resumes_without_training_again(tmp_path, data, uninterrupted, monkeypatch):

@@ -129,3 +129,20 @@ def test_phase5_refuses_an_evaluation_of_an_older_model(tmp_path):
     # Forced retraining under the same settings is a new model too.
     assert cli.main(["phase3", *retrained, "--force"]) == 0
     assert cli.main(["phase5", *retrained]) == 1
+
+
+def test_a_saved_model_that_does_not_serve_the_expected_embeddings_is_not_published(tmp_path):
+    import keras
+    import numpy as np
+
+    from pipeline.export import ExportError, write_saved_model
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    probe = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+    expected = np.asarray(model(probe))
+    assert write_saved_model(model, tmp_path / "good", probe, expected) <= 1e-6
+    assert (tmp_path / "good" / "saved_model.pb").is_file()
+    with pytest.raises(ExportError, match="nothing was published"):
+        write_saved_model(model, tmp_path / "bad", probe, expected + 0.1)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.tmp").exists()

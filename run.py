@@ -148,7 +148,7 @@ def config_from_args(args):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.config import ConfigError
-    from pipeline.logging_setup import setup_logging
+    from pipeline.core.logging_setup import setup_logging
 
     setup_logging(verbose=args.verbose)
     try:

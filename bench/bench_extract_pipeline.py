@@ -38,9 +38,9 @@ def main() -> None:
 
     from models.backbones import build_feature_extractor
     from pipeline.config import load_config
-    from pipeline.data import decode_and_resize, image_dataset, list_shards
-    from pipeline.ingest import run_ingest
-    from pipeline.schema import parse
+    from pipeline.data.tfrecords import decode_and_resize, image_dataset, list_shards
+    from pipeline.phases.ingest import run_ingest
+    from pipeline.data.schema import parse
 
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     per_class = max(1, args.images // 10)

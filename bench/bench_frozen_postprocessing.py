@@ -22,8 +22,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.evaluate import load_embeddings  # noqa: E402
-from pipeline.retrieval import retrieve  # noqa: E402
+from pipeline.phases.evaluate import load_embeddings  # noqa: E402
+from pipeline.vectors.retrieval import retrieve  # noqa: E402
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:

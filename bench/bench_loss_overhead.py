@@ -46,7 +46,7 @@ def main() -> None:
     from models.classifier import CosineClassifier
     from models.heads import build_embedding_head
     from models.losses import LOSSES, get_loss, triplet_accuracy
-    from pipeline.sampler import balanced_batches
+    from pipeline.training.sampler import balanced_batches
 
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((args.classes, args.dim)).astype(np.float32)
@@ -61,7 +61,7 @@ def main() -> None:
         import tensorflow as tf
 
         from pipeline.config import BackboneConfig
-        from pipeline.finetune import build_finetune_model
+        from pipeline.training.finetune import build_finetune_model
 
         batch_size = args.p * args.k
         images = rng.uniform(0, 255, (8, batch_size, args.size, args.size, 3)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Benchmark pipeline.retrieval.retrieve: wall time and peak memory.
+"""Benchmark pipeline.vectors.retrieval.retrieve: wall time and peak memory.
 
     python bench/bench_retrieval.py [--n 60000 --dim 512 --queries 9000]
 
@@ -51,7 +51,7 @@ def make_data(n: int, dim: int, n_classes: int, noise: float, seed: int = 0) -> 
 
 def run_case(args: argparse.Namespace) -> dict:
     """Body of one subprocess: build the data, time one retrieve call."""
-    from pipeline.retrieval import retrieve
+    from pipeline.vectors.retrieval import retrieve
 
     x, labels = make_data(args.n, args.dim, args.classes, args.noise)
     rss_before_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -229,7 +229,7 @@ def main() -> None:
     print("\n".join(table + [""] + breakdown))
 
     if str(args.output) != "-":
-        from pipeline.atomic import write_text
+        from pipeline.core.atomic import write_text
 
         command_line = " ".join(["python bench/bench_retrieval.py", *sys.argv[1:]])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from .layers import L2Normalize
+from models.layers import L2Normalize
 
 
 @keras.saving.register_keras_serializable(package="embedlab")

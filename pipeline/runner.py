@@ -6,10 +6,10 @@ import time
 
 import yaml
 
-from . import atomic
-from .config import RunConfig, to_dict
-from .extract import PhaseInputError
-from .run_dir import RunDir
+from pipeline.core import atomic
+from pipeline.config import RunConfig, to_dict
+from pipeline.core.errors import PhaseInputError
+from pipeline.core.run_dir import RunDir
 
 log = logging.getLogger("embedlab")
 
@@ -17,10 +17,10 @@ log = logging.getLogger("embedlab")
 def _phase_errors() -> tuple[type[BaseException], ...]:
     from models.backbones import WeightsUnavailableError
 
-    from .config import ConfigError
-    from .ingest import IngestError
-    from .export import ExportError
-    from .train import TrainingDivergedError
+    from pipeline.config import ConfigError
+    from pipeline.core.errors import IngestError
+    from pipeline.core.errors import ExportError
+    from pipeline.core.errors import TrainingDivergedError
 
     # NotImplementedError: a configured feature that does not exist yet.
     return (IngestError, PhaseInputError, WeightsUnavailableError, FileNotFoundError, ConfigError,
@@ -39,23 +39,23 @@ def run_phases(config: RunConfig, phases: list[str], force: bool = False, comman
     for phase in phases:
         started = time.perf_counter()
         if phase == "phase0":
-            from .ingest import run_ingest
+            from pipeline.phases.ingest import run_ingest
             run_ingest(config, force=force)
         elif phase == "phase1":
-            from .extract import run_extract
+            from pipeline.phases.extract import run_extract
             run_extract(config, force=force)
         elif phase == "phase2":
-            from .evaluate import run_evaluate
+            from pipeline.phases.evaluate import run_evaluate
             report = run_evaluate(config, force=force, command=command)
             log.info("report: %s", report.resolve())
         elif phase == "phase3":
-            from .train import run_train
+            from pipeline.training.head import run_train
             run_train(config, force=force)
         elif phase == "phase4":
-            from .reevaluate import run_reevaluate
+            from pipeline.phases.reevaluate import run_reevaluate
             run_reevaluate(config, force=force)
         elif phase == "phase5":
-            from .compare import run_compare
+            from pipeline.phases.compare import run_compare
             log.info("comparison: %s", run_compare(config, command=command).resolve())
         else:
             raise ValueError(f"unknown phase {phase!r}")

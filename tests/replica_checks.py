@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from models import losses as losses_lib
 from models.classifier import CosineClassifier
-from pipeline.distribute import distribute_global_batches
+from pipeline.core.distribute import distribute_global_batches
 
 BATCH, N_CLASSES, D_IN, D_OUT = 16, 4, 8, 6
 

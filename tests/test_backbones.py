@@ -44,7 +44,7 @@ def test_feature_extractor_outputs_raw_and_unit_features():
 
 
 def _no_cache(monkeypatch, tmp_path):
-    import models.backbones as bb
+    import models.backbones.registry as bb
     monkeypatch.setattr(bb, "keras_cache_dirs", lambda: [tmp_path / "models"])
 
     def offline(*args, **kwargs):
@@ -75,7 +75,7 @@ def test_weights_path_must_exist(tmp_path):
 
 def test_real_mobilenet_weights_from_shared_keras_cache(monkeypatch):
     home = shared_path("keras")
-    import models.backbones as bb
+    import models.backbones.registry as bb
     monkeypatch.setattr(bb, "keras_cache_dirs", lambda: [home / "models"])
     path = resolve_imagenet_weights(get_spec("mobilenet"), 0.25)
     assert path.name == "mobilenet_2_5_224_tf_no_top.h5"

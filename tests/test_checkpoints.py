@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import atomic, checkpoints
-from pipeline.checkpoints import BackupError, EpochBackup, read_state
-from pipeline.train import fingerprinted_settings, run_train
+from pipeline.core import atomic
+from pipeline.training import checkpoints
+from pipeline.training.checkpoints import BackupError, EpochBackup, read_state
+from pipeline.training.head import fingerprinted_settings, run_train
 from tests.test_train import TAG, _Interrupt, _RecordEpochs, clustered_features, make_config, write_phase1
 
 MONITOR = "val_MAP@R"
@@ -36,7 +37,7 @@ def _out(runs: Path) -> Path:
 
 def _best_weights_match_the_summary(out: Path, data) -> None:
     """best.weights.h5 holds the epoch training.json calls best: its validation MAP@R is the recorded one."""
-    from pipeline.retrieval import retrieve
+    from pipeline.vectors.retrieval import retrieve
 
     summary = json.loads((out / "training.json").read_text())
     head = keras.saving.load_model(out / "head.keras", compile=False)
@@ -202,7 +203,7 @@ def test_the_export_switch_is_not_part_of_the_fingerprint():
 
 
 def test_a_failure_while_saving_resumes_without_training_again(tmp_path, data, uninterrupted, monkeypatch):
-    import pipeline.train
+    import pipeline.training.head
 
     runs = tmp_path / "runs"
     write_phase1(runs, *data)
@@ -212,11 +213,11 @@ def test_a_failure_while_saving_resumes_without_training_again(tmp_path, data, u
     def fails(*args, **kwargs):
         raise OSError("disk full")
 
-    real_save_head = pipeline.train._save_head
-    monkeypatch.setattr(pipeline.train, "_save_head", fails)
+    real_save_head = pipeline.training.head._save_head
+    monkeypatch.setattr(pipeline.training.head, "_save_head", fails)
     with pytest.raises(OSError, match="disk full"):
         run_train(config)
-    monkeypatch.setattr(pipeline.train, "_save_head", real_save_head)
+    monkeypatch.setattr(pipeline.training.head, "_save_head", real_save_head)
     state = read_state(out / "backup")
     assert state["finished"] and state["epoch"] == 5 and (out / "checkpoints" / "best.weights.h5").is_file()
     assert not (out / "training.json").exists()

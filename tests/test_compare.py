@@ -63,7 +63,7 @@ def test_export_reproduces_phase4_embeddings_from_raw_images(tmp_path):
     import pandas as pd
     import tensorflow as tf
 
-    from pipeline.data import image_dataset, list_shards, read_metadata
+    from pipeline.data.tfrecords import image_dataset, list_shards, read_metadata
 
     images = make_class_folder(tmp_path / "images", n_classes=4, per_class=14)
     weights = tmp_path / "mobilenet.weights.h5"
@@ -135,7 +135,8 @@ def test_a_saved_model_that_does_not_serve_the_expected_embeddings_is_not_publis
     import keras
     import numpy as np
 
-    from pipeline.export import ExportError, write_saved_model
+    from pipeline.serving.model_export import write_saved_model
+    from pipeline.core.errors import ExportError
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])

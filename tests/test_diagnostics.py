@@ -1,4 +1,4 @@
-"""pipeline.diagnostics against brute force over all pairs, scikit-learn PCA and scipy."""
+"""pipeline.vectors.diagnostics against brute force over all pairs, scikit-learn PCA and scipy."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import pytest
 from scipy.stats import skew
 from sklearn.decomposition import PCA
 
-import pipeline.diagnostics as diagnostics
-from pipeline.diagnostics import clustering_scores, embedding_diagnostics
+import pipeline.vectors.diagnostics as diagnostics
+from pipeline.vectors.diagnostics import clustering_scores, embedding_diagnostics
 
 
 def brute_force_pairs(x, labels):

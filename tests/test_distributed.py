@@ -151,6 +151,6 @@ def test_workers_agree_to_resume_from_the_epoch_all_of_them_hold(worker_reports)
     ([[0, 5, 4, 1, 1], [0, 4, 3, 0, 0]], (False, 4, False)),     # one a commit behind: all go back to epoch 4
 ])
 def test_agreed_resume(views, decision):
-    from pipeline.distribute import agreed_resume
+    from pipeline.core.distribute import agreed_resume
 
     assert agreed_resume(views) == decision

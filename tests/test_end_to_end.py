@@ -74,7 +74,7 @@ def test_rerun_does_nothing_and_force_redoes(finished_run):
 
 
 def test_interrupted_extraction_resumes_from_finished_shards(tmp_path, monkeypatch):
-    import pipeline.data as data
+    import pipeline.data.tfrecords as data
 
     images = make_class_folder(tmp_path / "images", n_classes=3, per_class=8)
     assert cli.main(["phase0", "--source", str(images), "--set", "data.shard_size=4", *_args(tmp_path)]) == 0
@@ -119,7 +119,7 @@ def test_real_weights_on_a_flowers_subset(tmp_path, monkeypatch):
     """MobileNet 0.25 with real ImageNet weights beats random weights on unseen flower classes."""
     flowers = shared_path("data", "flowers102")
     home = shared_path("keras")
-    import models.backbones as bb
+    import models.backbones.registry as bb
     monkeypatch.setattr(bb, "keras_cache_dirs", lambda: [home / "models"])
     # 8 classes (4 train, 4 unseen test) × 12 images keeps this under a minute on 2 cores.
     subset = tmp_path / "flowers"
@@ -167,7 +167,7 @@ def test_mixed_precision_extraction_matches_float32(finished_run):
 
 def test_random_fallback_is_redone_once_weights_arrive(tmp_path, monkeypatch):
     """A demo that ran from random weights must not be 'up to date' after the weights reach the cache."""
-    import models.backbones as bb
+    import models.backbones.registry as bb
 
     images = make_class_folder(tmp_path / "images", n_classes=3, per_class=6)
     cache = tmp_path / "keras_models"

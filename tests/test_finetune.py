@@ -57,7 +57,7 @@ def test_finetune_writes_training_artifacts(finetuned_run):
 
 
 def test_phase4_embeddings_come_from_the_saved_model(finetuned_run):
-    from pipeline.data import image_dataset, list_shards, read_metadata
+    from pipeline.data.tfrecords import image_dataset, list_shards, read_metadata
 
     out = finetuned_run / f"runs/f/train/{BASE}/triplet"
     emb = finetuned_run / f"runs/f/embeddings/{BASE}+triplet"
@@ -97,7 +97,7 @@ def test_only_the_last_trunk_layers_changed(finetuned_run):
 @pytest.mark.parametrize("finetune_layers, expected", [(0, "none"), (10_000, "all")])
 def test_finetune_layer_count_bounds(finetune_layers, expected):
     from pipeline.config import BackboneConfig
-    from pipeline.finetune import build_finetune_model
+    from pipeline.training.finetune import build_finetune_model
 
     backbone = BackboneConfig(name="mobilenet", weights="none", image_size=32, alpha=0.25)
     _, trunk, _ = build_finetune_model(backbone, 8, finetune_layers)
@@ -113,7 +113,7 @@ def test_augmented_batches_are_class_balanced():
 
     from PIL import Image
 
-    from pipeline.finetune import image_batches
+    from pipeline.training.finetune import image_batches
 
     rng = np.random.default_rng(0)
     encoded, labels = [], []
@@ -157,7 +157,7 @@ def _tiny_encoded(n_classes: int = 5, per_class: int = 6, seed: int = 0):
 def test_a_replica_slice_of_the_batches_is_that_slice_of_the_full_batches():
     """Under tf.distribute each worker decodes only its rows; they must be exactly those rows,
     augmentation included (it is seeded by the item's position in the global stream)."""
-    from pipeline.finetune import image_batches
+    from pipeline.training.finetune import image_batches
 
     encoded, labels = _tiny_encoded()
     full = list(image_batches(encoded, labels, 24, 3, 4, seed=2, augment=True, skip_batches=1)
@@ -199,7 +199,7 @@ def _finetune_config(finetuned_run, runs_dir, **train):
 
 
 def test_arcface_finetuning_resumes_where_it_stopped(finetuned_run):
-    from pipeline.train import run_train
+    from pipeline.training.head import run_train
     from tests.test_train import _Interrupt, _RecordEpochs
 
     config = _finetune_config(finetuned_run, finetuned_run / "runs_resume")

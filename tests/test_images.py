@@ -1,4 +1,4 @@
-"""pipeline.images: one image in, an RGB 8-bit JPEG/PNG (or a reject reason) out."""
+"""pipeline.data.images: one image in, an RGB 8-bit JPEG/PNG (or a reject reason) out."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import normalize, normalize_array, normalize_bytes, normalize_file
+from pipeline.data.images import normalize, normalize_array, normalize_bytes, normalize_file
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import ingest as ingest_module
-from pipeline import sources
+from pipeline.phases import ingest as ingest_module
+from pipeline.data import sources
 from pipeline.config import DataConfig, RunConfig
-from pipeline.ingest import IngestError, run_ingest
-from pipeline.schema import SPLITS
+from pipeline.phases.ingest import run_ingest
+from pipeline.core.errors import IngestError
+from pipeline.data.schema import SPLITS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CLOTHING = Path(os.environ.get("EMBEDLAB_SHARED", REPO.parent / "shared")) / "data" / "clothing10"
@@ -61,7 +62,7 @@ def read_csv(path: Path) -> list[dict]:
 def read_records(out: Path, split: str | None = None) -> list[dict]:
     import tensorflow as tf
 
-    from pipeline.schema import parse
+    from pipeline.data.schema import parse
 
     names = sorted(p.name for p in out.glob("*.tfrecord") if split is None or p.name.startswith(split + "-"))
     records = []
@@ -181,7 +182,7 @@ def test_manifest_order_matches_shard_order_and_columns(tmp_path):
     for split in SPLITS:
         for name in summary["shards"][split]:
             import tensorflow as tf
-            from pipeline.schema import parse
+            from pipeline.data.schema import parse
             record_ids += [parse(x)["id"].numpy().decode() for x in tf.data.TFRecordDataset(str(out / name))]
     assert record_ids == manifest_ids
     # Shuffled within a split: classes are mixed, not one block per class.

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import plots
-from pipeline.projections import project_2d, stratified_sample
-from pipeline.report import build_view, diagnostics_reading, fmt, render_report
+from pipeline.reporting import plots
+from pipeline.vectors.projections import project_2d, stratified_sample
+from pipeline.reporting.report import build_view, diagnostics_reading, fmt, render_report
 
 EVIL = "<b>x</b>"
 
@@ -330,7 +330,7 @@ def test_format_and_reading_helpers(tmp_path):
 def test_collapsed_embeddings_are_reported_not_laid_out():
     """A collapsed model's vectors agree to float rounding; t-SNE's Barnes-Hut tree would
     recurse on them until the process segfaults, so they are refused with a message."""
-    from pipeline.projections import project_all
+    from pipeline.vectors.projections import project_all
 
     rng = np.random.default_rng(0)
     base = rng.normal(size=64)
@@ -344,7 +344,7 @@ def test_a_dead_projection_process_is_reported_without_rerunning_in_process():
     import concurrent.futures
     from concurrent.futures.process import BrokenProcessPool
 
-    from pipeline.projections import BackgroundProjections
+    from pipeline.vectors.projections import BackgroundProjections
 
     x = np.random.default_rng(0).normal(size=(30, 8))
     background = BackgroundProjections(x, [])          # no worker started

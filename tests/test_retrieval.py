@@ -1,4 +1,4 @@
-"""pipeline.retrieval against an independent brute force and hand-computed numbers.
+"""pipeline.vectors.retrieval against an independent brute force and hand-computed numbers.
 
 The random cases use vectors whose float32 scores are exact (dyadic unit vectors
 for cosine, small integers for euclidean): then the float32 chunked matmul and the
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from pipeline.retrieval import METRICS, RetrievalResult, retrieve
+from pipeline.vectors.retrieval import METRICS, RetrievalResult, retrieve
 
 NAMES = ("P@1", "P@k", "R@k", "AP", "MAP@R", "R-precision")
 
@@ -369,7 +369,7 @@ def test_chunk_size_does_not_change_anything():
 @pytest.mark.parametrize("metric", METRICS)
 def test_small_internal_budgets_change_nothing(metric, monkeypatch):
     """Split class groups into many row slices and binary-search every tie group."""
-    import pipeline.retrieval as retrieval
+    import pipeline.vectors.retrieval as retrieval
 
     monkeypatch.setattr(retrieval, "_GROUP_ELEMENTS", 100)  # 3 rows per slice
     monkeypatch.setattr(retrieval, "_WALK_LIMIT", 1)

@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pipeline.sampler import (baseline_hard_negatives, balanced_batch_indices, balanced_batches,
+from pipeline.training.sampler import (baseline_hard_negatives, balanced_batch_indices, balanced_batches,
                               hard_negative_batch_indices)
 
 

@@ -1,4 +1,4 @@
-"""pipeline.splits: stratified and class-disjoint splits over duplicate/group units."""
+"""pipeline.data.splits: stratified and class-disjoint splits over duplicate/group units."""
 from __future__ import annotations
 
 import random
@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from pipeline.splits import SplitItem, assign_splits, build_units, largest_remainder
+from pipeline.data.splits import SplitItem, assign_splits, build_units, largest_remainder
 
 
 def make_items(sizes: dict[str, int]) -> list[SplitItem]:

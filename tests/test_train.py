@@ -12,12 +12,13 @@ import pytest
 
 import models.layers  # noqa: F401  (registers L2Normalize for load_model)
 from models.heads import build_embedding_head
-from pipeline import atomic
+from pipeline.core import atomic
 from pipeline.config import BackboneConfig, RunConfig, TrainConfig
-from pipeline.extract import PhaseInputError
-from pipeline.retrieval import retrieve
-from pipeline.sampler import balanced_batch_indices, balanced_batches, split_usable_classes
-from pipeline.train import TrainingDivergedError, run_train
+from pipeline.core.errors import PhaseInputError
+from pipeline.vectors.retrieval import retrieve
+from pipeline.training.sampler import balanced_batch_indices, balanced_batches, split_usable_classes
+from pipeline.training.head import run_train
+from pipeline.core.errors import TrainingDivergedError
 
 TAG = "fake"
 N_CLASSES, PER_CLASS, DIM = 10, 30, 64
@@ -275,7 +276,7 @@ def test_interrupted_training_resumes_where_it_stopped(tmp_path, data):
 
 
 def test_resume_gives_early_stopping_and_lr_schedule_their_state_back():
-    from pipeline.train import MONITOR, _RestoreMonitorState
+    from pipeline.training.head import MONITOR, _RestoreMonitorState
 
     early = keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=5)
     reduce = keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", patience=2)
@@ -291,7 +292,7 @@ def test_resume_gives_early_stopping_and_lr_schedule_their_state_back():
 def test_resumed_monitor_state_equals_the_uninterrupted_one(cooldown):
     """Replaying the logged scores gives EarlyStopping and ReduceLROnPlateau exactly the state
     they reach epoch by epoch, min_delta (1e-4 for ReduceLROnPlateau) and cooldown included."""
-    from pipeline.train import MONITOR, _RestoreMonitorState
+    from pipeline.training.head import MONITOR, _RestoreMonitorState
 
     scores = [0.5, 0.50005, 0.3, 0.3, 0.6, 0.6, 0.60001, 0.2, 0.1]
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
@@ -376,7 +377,7 @@ def test_missing_phase1_and_missing_phase0_for_finetune_are_clear_errors(tmp_pat
 # --------------------------------------------------------------------------- positives and hard negatives
 
 def test_pair_keys_by_label_or_by_group():
-    from pipeline.train import pair_keys
+    from pipeline.training.head import pair_keys
 
     items = pd.DataFrame({"label": [5, 5, 7, 7, 7], "group": ["a", "b", "a", "", ""]})
     np.testing.assert_array_equal(pair_keys(items, TrainConfig(positives="label")), [5, 5, 7, 7, 7])
@@ -410,7 +411,7 @@ def test_hard_negative_batches_train_and_are_recorded(tmp_path, data):
 
 
 def test_a_training_that_never_beat_the_untrained_model_is_flagged(tmp_path, caplog):
-    from pipeline.train import finish_training
+    from pipeline.training.head import finish_training
 
     summary = {"best_epoch": 1, "epochs_run": 6, "best_val": {"P@1": 0.22, "MAP@R": 0.14},
                "initial_val": {"P@1": 0.78, "MAP@R": 0.78}}

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline.index import build_index, load_index, save_index, search
-from pipeline.vectors import l2_normalize
+from pipeline.vectors.index import build_index, load_index, save_index, search
+from pipeline.vectors.normalize import l2_normalize
 
 
 def test_l2_normalize_handles_tiny_and_zero_rows():

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from pipeline.distribute import training_strategy  # noqa: E402
+from pipeline.core.distribute import training_strategy  # noqa: E402
 from tests.replica_checks import compare_losses  # noqa: E402
 
 def _resume_after_uneven_preemption(runs: Path) -> dict:
@@ -27,9 +27,9 @@ def _resume_after_uneven_preemption(runs: Path) -> dict:
     after epoch 2, in step."""
     import keras
 
-    from pipeline import atomic
-    from pipeline.checkpoints import STATE_FILE, read_state
-    from pipeline.train import run_train
+    from pipeline.core import atomic
+    from pipeline.training.checkpoints import STATE_FILE, read_state
+    from pipeline.training.head import run_train
     from tests.test_train import make_config
 
     class Interrupt(keras.callbacks.Callback):
@@ -68,7 +68,7 @@ if __name__ == "__main__":
     report = {"multi_worker": isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy),
               "losses": compare_losses(tf.distribute.get_strategy(), strategy)}
 
-    from pipeline.train import run_train
+    from pipeline.training.head import run_train
     from tests.test_train import make_config
 
     out = run_train(make_config(Path(sys.argv[1]), epochs=2, steps_per_epoch=3, jit_compile=False, export=False,

@@ -45,13 +45,14 @@ from typing import Callable, NamedTuple, Sequence
 import keras
 import numpy as np
 
-from . import atomic
-from .checkpoints import EpochBackup, read_state
-from .config import ConfigError, RunConfig, TrainConfig
-from .distribute import (agree_on_resume, distribute_global_batches, is_chief, training_strategy, worker_output_dir,
+from pipeline.core.errors import TrainingDivergedError
+from pipeline.core import atomic
+from pipeline.training.checkpoints import EpochBackup, read_state
+from pipeline.config import ConfigError, RunConfig, TrainConfig
+from pipeline.core.distribute import (agree_on_resume, distribute_global_batches, is_chief, training_strategy, worker_output_dir,
                          xla_supported)
-from .extract import PhaseInputError
-from .run_dir import RunDir, backbone_tag, fingerprint_of
+from pipeline.core.errors import PhaseInputError
+from pipeline.core.run_dir import RunDir, backbone_tag, fingerprint_of
 
 log = logging.getLogger("embedlab.train")
 
@@ -82,8 +83,6 @@ def fingerprinted_settings(settings: TrainConfig, exclude: Sequence[str] = ()) -
     return values
 
 
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; nothing was saved as a result."""
 
 
 
@@ -120,7 +119,7 @@ def _train_all(config: RunConfig, run_dir: RunDir, settings: TrainConfig, force:
     strategy = training_strategy(settings.devices)
     outputs = []
     if settings.mode == "finetune":
-        from .finetune import train_finetune
+        from pipeline.training.finetune import train_finetune
 
         for backbone in config.extract.backbones:
             for loss_name in settings.losses:
@@ -138,7 +137,7 @@ def _train_all(config: RunConfig, run_dir: RunDir, settings: TrainConfig, force:
                 continue   # the chief exports; other workers' copies stay in their scratch folder
             if settings.export and (force or not (out / "export.json").is_file()
                                     or (out / "export.json").stat().st_mtime < (out / "training.json").stat().st_mtime):
-                from .export import export_embedding_model, not_exportable, probe_batch
+                from pipeline.serving.model_export import export_embedding_model, not_exportable, probe_batch
 
                 reason = not_exportable(phase1["meta"])
                 if reason:
@@ -208,7 +207,7 @@ def split_train_val(items, settings: TrainConfig, keys: np.ndarray | None = None
 
     `keys` (default: the labels) decide which validation items are positives of each other.
     """
-    from .sampler import split_usable_classes
+    from pipeline.training.sampler import split_usable_classes
 
     splits = items["split"].to_numpy()
     labels = items["label"].to_numpy() if keys is None else np.asarray(keys)
@@ -268,7 +267,7 @@ class RetrievalValidation(keras.callbacks.Callback):
         self.seconds = 0.0
 
     def evaluate(self) -> dict:
-        from .retrieval import retrieve
+        from pipeline.vectors.retrieval import retrieve
 
         started = time.perf_counter()
         try:
@@ -371,7 +370,7 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     from models import losses as losses_lib
     from models.heads import build_embedding_head
 
-    from .sampler import balanced_batches
+    from pipeline.training.sampler import balanced_batches
 
     strategy = strategy or training_strategy(settings.devices)
     out = worker_output_dir(run_dir.train_dir(tag, loss_name), strategy)
@@ -494,7 +493,7 @@ def usable_training_rows(train_rows: np.ndarray, keys: np.ndarray, settings: Tra
     An item alone in its class (or group) has no positive: the sampler could never use
     it, and ArcFace would give it a class centre of its own, so it is left out here.
     """
-    from .sampler import split_usable_classes
+    from pipeline.training.sampler import split_usable_classes
 
     usable, single = split_usable_classes(keys[train_rows])
     if usable.size < 2:
@@ -515,7 +514,7 @@ def _hard_negatives(embeddings: np.ndarray, keys: np.ndarray, settings: TrainCon
     """Each training item's top-ranked negatives under the phase-1 baseline (None when not seeding)."""
     if settings.hard_negative_share <= 0:
         return None
-    from .sampler import baseline_hard_negatives
+    from pipeline.training.sampler import baseline_hard_negatives
 
     started = time.perf_counter()
     ranked = baseline_hard_negatives(embeddings, keys, n_negatives=settings.hard_negatives_per_item)

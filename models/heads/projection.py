@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import keras
 
-from .layers import L2Normalize
+from models.layers import L2Normalize
 
 # Keras's default of 0.99 needs a few hundred steps before the moving statistics
 # describe the data; head training on a small dataset has only a handful of steps

@@ -29,7 +29,7 @@ import math
 import keras
 from keras import ops
 
-from .cross_replica import gather_global_batch
+from models.cross_replica import gather_global_batch
 
 # Stands in for ±infinity inside masked max/min: a true inf turns into NaN gradients
 # (0 * inf) even where the entry is masked out.

@@ -1,7 +1,7 @@
 """Pictures of an embedding space for the phase-2 report.
 
 Every function renders one PNG, writes it atomically (temporary sibling, then
-os.replace, via pipeline.atomic) and returns its path, so a report never links
+os.replace, via pipeline.core.atomic) and returns its path, so a report never links
 to a half-written image.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .atomic import atomic_path  # noqa: E402
+from pipeline.core.atomic import atomic_path  # noqa: E402
 
 DPI = 110
 MAX_LEGEND_CLASSES = 20
@@ -189,7 +189,7 @@ def plot_similarity_heatmap(x: np.ndarray, labels: Any, class_names: Sequence[st
         # An n x n image beyond a few thousand rows is larger than the figure
         # has pixels and costs memory quadratically; a stratified sample shows
         # the same block structure.
-        from .projections import stratified_sample
+        from pipeline.vectors.projections import stratified_sample
 
         keep = stratified_sample(idx, _MAX_HEATMAP, seed=0)
         x, idx = x[keep], idx[keep]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
+from pipeline.core.atomic import atomic_path
 
 INDEX_KINDS = ("flat", "hnsw")
 

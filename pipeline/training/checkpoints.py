@@ -30,7 +30,7 @@ from pathlib import Path
 
 import keras
 
-from . import atomic
+from pipeline.core import atomic
 
 STATE_FILE = "state.json"
 

@@ -19,15 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
-from .config import BackboneConfig
-from .run_dir import RunDir, backbone_tag
+from pipeline.core.errors import ExportError
+from pipeline.core import atomic
+from pipeline.config import BackboneConfig
+from pipeline.core.run_dir import RunDir, backbone_tag
 
 log = logging.getLogger("embedlab.export")
 
 
-class ExportError(RuntimeError):
-    """The composed model does not reproduce the embeddings it was trained to give."""
 
 
 def not_exportable(phase1_meta: dict) -> str | None:
@@ -144,13 +143,13 @@ def _served_error(saved_model_dir: Path, probe: np.ndarray, expected: np.ndarray
 
 def probe_batch(run_dir: RunDir, items, features: np.ndarray, image_size: int, n: int = 4):
     """A few images from the TFRecords with their phase-1 features, to check an export."""
-    from .data import image_dataset, list_shards
+    from pipeline.data.tfrecords import image_dataset, list_shards
 
     shards = list_shards(run_dir.dataset_dir, str(items["split"].iat[0]))[:1]
     if not shards:
         return None, None
     images = next(iter(image_dataset(shards, image_size, n))).numpy()
-    from .data import read_metadata
+    from pipeline.data.tfrecords import read_metadata
 
     row_of = {item_id: row for row, item_id in enumerate(items["id"])}
     rows = [row_of[i] for i in read_metadata(shards)["id"][: len(images)]]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from . import schema
+from pipeline.data import schema
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Everything but the image bytes: what phase 1 stores next to each embedding.

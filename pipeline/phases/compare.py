@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
-from .config import RunConfig
-from .extract import PhaseInputError
-from .reevaluate import trained_embeddings_fingerprint, trained_tag
-from .run_dir import RunDir, backbone_tag
+from pipeline.core import atomic
+from pipeline.config import RunConfig
+from pipeline.core.errors import PhaseInputError
+from pipeline.phases.reevaluate import trained_embeddings_fingerprint, trained_tag
+from pipeline.core.run_dir import RunDir, backbone_tag
 
 log = logging.getLogger("embedlab.compare")
 
@@ -50,7 +50,7 @@ def _check_current(run_dir: RunDir, config: RunConfig, tag: str, loss: str, eval
 
     Otherwise the report would put one model's training details beside another's scores.
     """
-    from .evaluate import evaluation_fingerprint
+    from pipeline.phases.evaluate import evaluation_fingerprint
 
     phase = "phase2" if loss == PRETRAINED else "phase4"
     emb_meta_path = run_dir.embeddings_dir(eval_tag) / "meta.json"
@@ -211,8 +211,8 @@ def run_compare(config: RunConfig, command: str = "") -> Path:
     import jinja2
     import pandas as pd
 
-    from .plots import plot_metric_bars
-    from .report import TEMPLATE_DIR
+    from pipeline.reporting.plots import plot_metric_bars
+    from pipeline.reporting.report import TEMPLATE_DIR
 
     run_dir = RunDir(config)
     models = collect(config)

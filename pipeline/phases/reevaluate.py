@@ -17,11 +17,12 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from . import atomic
-from .config import RunConfig
-from .evaluate import evaluate_backbone, load_embeddings
-from .extract import PhaseInputError, write_embedding_artifacts
-from .run_dir import RunDir, backbone_tag
+from pipeline.core import atomic
+from pipeline.config import RunConfig
+from pipeline.phases.evaluate import evaluate_backbone, load_embeddings
+from pipeline.phases.extract import write_embedding_artifacts
+from pipeline.core.errors import PhaseInputError
+from pipeline.core.run_dir import RunDir, backbone_tag
 
 log = logging.getLogger("embedlab.reevaluate")
 
@@ -58,7 +59,7 @@ def with_pre_normalisation(model):
 
 def finetuned_embeddings(run_dir: RunDir, model, items, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(pre-normalisation features, unit embeddings) of an image-level model over phase 1's items, in their order."""
-    from .data import image_dataset, list_shards, read_metadata
+    from pipeline.data.tfrecords import image_dataset, list_shards, read_metadata
 
     both = with_pre_normalisation(model)
     image_size = int(model.inputs[0].shape[1])

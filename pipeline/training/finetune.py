@@ -29,12 +29,13 @@ from typing import Sequence
 import keras
 import numpy as np
 
-from . import atomic
-from .config import BackboneConfig, TrainConfig
-from .extract import PhaseInputError, load_dataset_meta
-from .run_dir import RunDir, fingerprint_of
-from .distribute import distribute_global_batches, training_strategy, worker_output_dir
-from .train import (RetrievalValidation, _callbacks, _effective_jit, _hard_negatives, _jsonable,
+from pipeline.core import atomic
+from pipeline.config import BackboneConfig, TrainConfig
+from pipeline.phases.extract import load_dataset_meta
+from pipeline.core.errors import PhaseInputError
+from pipeline.core.run_dir import RunDir, fingerprint_of
+from pipeline.core.distribute import distribute_global_batches, training_strategy, worker_output_dir
+from pipeline.training.head import (RetrievalValidation, _callbacks, _effective_jit, _hard_negatives, _jsonable,
                     _plot_curves, _write_history, begin_training, finish_training, fit_checked, fit_summary,
                     fingerprinted_settings, load_phase1_features, pair_keys, runtime_summary, split_train_val,
                     usable_training_rows)
@@ -52,8 +53,8 @@ def read_records(dataset_dir: Path, splits: Sequence[str] = _SPLITS):
     import pandas as pd
     import tensorflow as tf
 
-    from . import schema
-    from .data import list_shards
+    from pipeline.data import schema
+    from pipeline.data.tfrecords import list_shards
 
     columns: dict[str, list] = {"split": [], "id": [], "label": [], "group": []}
     encoded: list[bytes] = []
@@ -109,8 +110,8 @@ def image_batches(encoded: np.ndarray, labels: np.ndarray, image_size: int, n_cl
 
     import tensorflow as tf
 
-    from .data import decode_and_resize
-    from .sampler import balanced_batch_indices, hard_negative_batch_indices
+    from pipeline.data.tfrecords import decode_and_resize
+    from pipeline.training.sampler import balanced_batch_indices, hard_negative_batch_indices
 
     labels = np.asarray(labels)
 
@@ -158,7 +159,7 @@ def plain_images(encoded: np.ndarray, image_size: int, batch_size: int = 64):
     """Decoded, resized, unaugmented images in the given order (validation)."""
     import tensorflow as tf
 
-    from .data import decode_and_resize
+    from pipeline.data.tfrecords import decode_and_resize
 
     ds = tf.data.Dataset.from_tensor_slices(tf.constant(encoded.astype(object).tolist(), dtype=tf.string))
     ds = ds.map(lambda b: decode_and_resize(b, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -340,7 +341,7 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
 
 def _save_model(model, out: Path, probe: np.ndarray, tag: str, loss: str, image_size: int) -> None:
     """embedding_model.keras, saved_model/ and export.json, each checked to reproduce the trained model."""
-    from .export import write_export_manifest, write_saved_model
+    from pipeline.serving.model_export import write_export_manifest, write_saved_model
 
     # Direct calls, not predict: both sides then run on one device even when training was
     # mirrored over several, so the comparison is not blurred by different per-device batches.

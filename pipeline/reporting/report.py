@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import jinja2
 
-from .atomic import atomic_open
+from pipeline.core.atomic import atomic_open
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 TEMPLATE = "report.html.j2"

@@ -35,7 +35,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .schema import SPLITS
+from pipeline.data.schema import SPLITS
 
 TRAIN, VAL, TEST = range(3)
 

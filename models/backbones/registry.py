@@ -17,7 +17,7 @@ from typing import Callable
 
 import keras
 
-from .layers import ImagePreprocess, L2Normalize
+from models.layers import ImagePreprocess, L2Normalize
 
 log = logging.getLogger("embedlab.backbones")
 

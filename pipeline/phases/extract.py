@@ -23,16 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
-from .config import BackboneConfig, ExtractConfig, RunConfig
-from .run_dir import RunDir, backbone_tag, fingerprint_of
-from .vectors import l2_normalize
+from pipeline.core.errors import PhaseInputError
+from pipeline.core import atomic
+from pipeline.config import BackboneConfig, ExtractConfig, RunConfig
+from pipeline.core.run_dir import RunDir, backbone_tag, fingerprint_of
+from pipeline.vectors.normalize import l2_normalize
 
 log = logging.getLogger("embedlab.extract")
 
 
-class PhaseInputError(RuntimeError):
-    """A phase cannot start because an earlier phase's artifacts are missing or stale."""
 
 
 def load_dataset_meta(run_dir: RunDir) -> dict:
@@ -51,7 +50,7 @@ def run_extract(config: RunConfig, force: bool = False) -> list[Path]:
     if config.extract.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        from .distribute import inference_strategy
+        from pipeline.core.distribute import inference_strategy
 
         strategy = inference_strategy()
         return [extract_backbone(run_dir, dataset_meta, b, config.extract, strategy, force)
@@ -67,7 +66,7 @@ def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConf
 
     from models.backbones import build_feature_extractor
 
-    from .data import image_dataset, list_shards, read_metadata
+    from pipeline.data.tfrecords import image_dataset, list_shards, read_metadata
 
     tag = backbone_tag(backbone)
     out = run_dir.embeddings_dir(tag)
@@ -196,7 +195,7 @@ def _assemble(out: Path, parts_dir: Path, shards: list[Path], settings: ExtractC
 
 def write_embedding_artifacts(out: Path, items, raw: np.ndarray, unit: np.ndarray, settings: ExtractConfig) -> None:
     """The files every embedding directory holds (phase 1, and phase 4 for trained models)."""
-    from .index import build_index, save_index
+    from pipeline.vectors.index import build_index, save_index
 
     dtype = np.float16 if settings.dtype == "float16" else np.float32
     with atomic.atomic_open(out / "items.csv", "w", encoding="utf-8", newline="") as f:

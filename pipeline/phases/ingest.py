@@ -33,13 +33,14 @@ from typing import Iterator, Sequence
 
 from tqdm import tqdm
 
-from . import images
-from .atomic import atomic_open, atomic_path, read_json, write_json
-from .config import DataConfig, RunConfig
-from .run_dir import RunDir, dataset_name
-from .schema import SCHEMA_VERSION, SPLITS, ImageRecord, shard_filename, shard_glob
-from .sources import SourceError, SourceItem, discover, load_builtin, source_kind
-from .splits import SplitItem, SplitResult, assign_splits
+from pipeline.core.errors import IngestError
+from pipeline.data import images
+from pipeline.core.atomic import atomic_open, atomic_path, read_json, write_json
+from pipeline.config import DataConfig, RunConfig
+from pipeline.core.run_dir import RunDir, dataset_name
+from pipeline.data.schema import SCHEMA_VERSION, SPLITS, ImageRecord, shard_filename, shard_glob
+from pipeline.data.sources import SourceError, SourceItem, discover, load_builtin, source_kind
+from pipeline.data.splits import SplitItem, SplitResult, assign_splits
 
 log = logging.getLogger("embedlab.ingest")
 
@@ -57,8 +58,6 @@ INGEST_VERSION = 1
 MIN_ITEMS_FOR_POOL = 64
 
 
-class IngestError(RuntimeError):
-    """Phase 0 cannot produce a dataset (bad source, nothing valid to ingest...)."""
 
 
 @dataclass(frozen=True)
@@ -363,7 +362,7 @@ def _write_shards(out: Path, by_split: dict[str, list[_Accepted]], label_index: 
     shard_size); every shard written to a temporary name, then renamed."""
     import tensorflow as tf
 
-    from .schema import serialize
+    from pipeline.data.schema import serialize
 
     shards: dict[str, list[str]] = {}
     for split, members in by_split.items():

@@ -14,8 +14,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .config import DataConfig
-from .run_dir import BUILTIN_DATASETS
+from pipeline.config import DataConfig
+from pipeline.core.run_dir import BUILTIN_DATASETS
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MANIFEST_EXTENSIONS = (".csv", ".parquet")

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import BackboneConfig, DataConfig, RunConfig
+from pipeline.config import BackboneConfig, DataConfig, RunConfig
 
 BUILTIN_DATASETS = ("fashion_mnist", "cifar10")
 

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
-from .config import EvaluateConfig, RunConfig
-from .extract import PhaseInputError, load_dataset_meta
-from .run_dir import RunDir, backbone_tag, fingerprint_of
+from pipeline.core import atomic
+from pipeline.config import EvaluateConfig, RunConfig
+from pipeline.phases.extract import load_dataset_meta
+from pipeline.core.errors import PhaseInputError
+from pipeline.core.run_dir import RunDir, backbone_tag, fingerprint_of
 
 log = logging.getLogger("embedlab.evaluate")
 
@@ -39,8 +40,8 @@ GRID_VARIANTS = {"unit/cosine": "cosine (unit vectors)", "raw/euclidean": "eucli
 
 
 def run_evaluate(config: RunConfig, force: bool = False, command: str = "") -> Path:
-    from .plots import plot_metric_bars
-    from .report import render_report
+    from pipeline.reporting.plots import plot_metric_bars
+    from pipeline.reporting.report import render_report
 
     run_dir = RunDir(config)
     dataset_meta = load_dataset_meta(run_dir)
@@ -110,8 +111,8 @@ def evaluation_fingerprint(emb_meta: dict, settings: EvaluateConfig) -> str:
 
 
 def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force: bool = False) -> Path:
-    from .diagnostics import clustering_scores, embedding_diagnostics
-    from .retrieval import retrieve
+    from pipeline.vectors.diagnostics import clustering_scores, embedding_diagnostics
+    from pipeline.vectors.retrieval import retrieve
 
     emb_dir = run_dir.embeddings_dir(tag)
     items, unit, raw, emb_meta = load_embeddings(emb_dir)
@@ -136,7 +137,7 @@ def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force
     labels = items["label"].to_numpy()
     arrays = {"unit": unit, "raw": raw}
 
-    from .projections import BackgroundProjections, stratified_sample
+    from pipeline.vectors.projections import BackgroundProjections, stratified_sample
 
     timings = {}
     started = time.perf_counter()
@@ -248,9 +249,9 @@ def _write_neighbours(out: Path, items, query_rows, gallery_rows, results) -> No
 
 def _make_plots(plot_dir: Path, run_dir: RunDir, items, unit, raw, query_rows, gallery_rows, results,
                 diagnostics, settings: EvaluateConfig, tag: str, projection_rows, projections: dict):
-    from . import plots as P
-    from .data import list_shards, load_images
-    from .projections import stratified_sample
+    from pipeline.reporting import plots as P
+    from pipeline.data.tfrecords import list_shards, load_images
+    from pipeline.vectors.projections import stratified_sample
 
     plot_dir.mkdir(parents=True, exist_ok=True)
     labels = items["label"].to_numpy()

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED_KERAS := $(wildcard ../shared/keras/models)
 
-.PHONY: install demo test bench clean fashion-mnist
+.PHONY: install demo test lint bench clean fashion-mnist
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,10 @@ demo: install fashion-mnist
 	@echo "reports: $(abspath reports/demo/index.html) (pretrained space)"
 	@echo "         $(abspath reports/demo/comparison.html) (pretrained vs trained heads)"
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install lint
 	$(PY) -m pytest -q
 
 bench: install

@@ -1,72 +1,89 @@
 #!/usr/bin/env python
-"""embedlab command line: one sub-command per phase.
+"""embedlab command line: one sub-command per phase (pipeline.runner.PHASES), plus `all`.
 
     python run.py phase0 --config configs/demo.yaml
-    python run.py all --source path/to/images --backbone resnet50 --backbone mobilenet
+    python run.py all --source path/to/images --backbone resnet50 --backbone efficientnetb0
     python run.py phase2 --run myrun --set evaluate.k=10
+
+Arguments and settings are read and checked before TensorFlow is imported, so a mistake
+costs a fraction of a second, and a command that fails saves none of its settings.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported anywhere
+from pipeline.core.logging_setup import quiet_tensorflow_environment
 
-PHASES = {
-    "phase0": "ingest: validate, split and write sharded TFRecords",
-    "phase1": "extract: pretrained-backbone embeddings, JSON + .npy + FAISS index",
-    "phase2": "evaluate: retrieval metrics, diagnostics, plots and the HTML report",
-    "phase3": "train: embedding heads with metric-learning losses (triplet, contrastive, arcface, ...)",
-    "phase4": "re-evaluate: embeddings of every trained model, evaluated exactly as in phase 2",
-    "phase5": "compare: backbones x losses x distances in one report that answers the questions",
-    "all": "phases 0 to 5 in order",
-}
+quiet_tensorflow_environment()  # before TensorFlow is imported anywhere
+
+# Which phases' sub-commands (and `all`) offer each group of flags.
+PHASE0, PHASE1, PHASE2 = ("phase0",), ("phase1",), ("phase2",)
+TRAINING, LOSSES, MIXED_PRECISION = ("phase3",), ("phase3", "phase4", "phase5"), ("phase1", "phase3")
+
+
+def offers(command: str, phases: tuple[str, ...]) -> bool:
+    """Whether a sub-command takes the flags of these phases (`all` takes every phase's)."""
+    return command in phases or command == "all"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from models.backbones import BACKBONES, parameter_help
+    from pipeline.runner import PHASES
+
     parser = argparse.ArgumentParser(prog="run.py", description="embedlab: image embeddings, measured.")
     sub = parser.add_subparsers(dest="phase", required=True, metavar="PHASE")
-    for name, help_text in PHASES.items():
+    commands = {name: phase.help for name, phase in PHASES.items()}
+    commands["all"] = f"{', '.join(PHASES)} in order"
+    for name, help_text in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", help="YAML configuration (see configs/); defaults apply without one")
-        p.add_argument("--run", help="run name: artifacts go to runs/<run>/ and reports/<run>/")
+        p.add_argument("--run", help="run name: artifacts go to runs/<run>/ and reports/<run>/; without --config, "
+                                     "the run's saved settings (runs/<run>/config.yaml) apply")
         p.add_argument("--force", action="store_true", help="redo work even when its outputs are up to date")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override any setting, e.g. --set evaluate.k=10 (repeatable)")
-        p.add_argument("-v", "--verbose", action="store_true")
-        if name in ("phase0", "all"):
+        p.add_argument("-v", "--verbose", action="store_true", help="log debug lines too (and Python warnings)")
+        if offers(name, PHASE0):
             g = p.add_argument_group("phase 0")
             g.add_argument("--source", help="image folder, CSV/Parquet manifest, or fashion_mnist / cifar10")
-            g.add_argument("--split", choices=["stratified", "classes"])
+            g.add_argument("--split", choices=["stratified", "classes"],
+                           help="stratified: every class in every split (default); classes: class-disjoint "
+                                "splits, so test classes are unseen in training")
             g.add_argument("--ratios", help="train,val,test fractions, e.g. 0.7,0.15,0.15")
-            g.add_argument("--seed", type=int)
+            g.add_argument("--seed", type=int, help="seed of the split and of --limit-per-class's sample (default 42)")
             g.add_argument("--max-side", type=int, help="downscale images whose longest side exceeds this")
-            g.add_argument("--limit-per-class", type=int)
-        if name in ("phase1", "all"):
+            g.add_argument("--limit-per-class", type=int, metavar="N",
+                           help="keep at most N images per class, a seeded sample (default 0: all)")
+        if offers(name, PHASE1):
             g = p.add_argument_group("phase 1")
             g.add_argument("--backbone", action="append", metavar="NAME",
-                           help="backbone from the registry (repeatable): resnet50, efficientnetb0..b7, mobilenet")
-            g.add_argument("--weights", help="imagenet | none | path to a weights file")
-            g.add_argument("--image-size", type=int, help="input side in pixels (default: native)")
-            g.add_argument("--alpha", type=float, help="MobileNet width multiplier")
+                           help=f"backbone from the registry (repeatable): {', '.join(sorted(BACKBONES))}")
+            g.add_argument("--weights", help="imagenet | none (random, seeded) | path to a weights file")
+            g.add_argument("--image-size", type=int,
+                           help="input side in pixels (default: the backbone's native size; at least 32)")
+            g.add_argument("--backbone-param", action="append", default=[], metavar="KEY=VALUE",
+                           help="an option of the backbones that take it (repeatable)")
+            for key, param_help in parameter_help().items():
+                g.add_argument(f"--{key.replace('_', '-')}", dest=f"backbone_param_{key}", metavar="VALUE",
+                               help=f"{param_help}; short for --backbone-param {key}=VALUE")
             g.add_argument("--batch-size", type=int)
-        if name in ("phase1", "phase3", "all"):
+        if offers(name, MIXED_PRECISION):
             p.add_argument("--mixed-precision", action="store_true",
                            help="mixed_float16 for extraction (phase 1) and training (phase 3); for GPUs")
-        if name in ("phase3", "phase4", "phase5", "all"):
+        if offers(name, LOSSES):
             g = p.add_argument_group("phases 3-5")
             g.add_argument("--loss", action="append", metavar="NAME",
                            help="loss to train (repeatable): triplet, contrastive, contrastive_softmax, arcface, "
                                 "multisimilarity, supcon, infonce")
-        if name in ("phase3", "all"):
+        if offers(name, TRAINING):
             g.add_argument("--mode", choices=["head", "finetune"], help="head: frozen backbone, cached features")
             g.add_argument("--epochs", type=int)
             g.add_argument("--positives", choices=["label", "group"],
                            help="positive pairs share a class label, or a group (an original and its variants)")
             g.add_argument("--hard-negatives", type=float, metavar="SHARE",
                            help="share of each batch's classes seeded with the baseline's hardest negatives (0-1)")
-        if name in ("phase2", "all"):
+        if offers(name, PHASE2):
             g = p.add_argument_group("phase 2")
             g.add_argument("--k", type=int, help="neighbours per query (default 5)")
             g.add_argument("--gallery", help="gallery splits, e.g. test or train,val,test")
@@ -92,8 +109,7 @@ def saved_run_config(args) -> str | None:
 
 
 def config_from_args(args):
-    from models.backbones import BACKBONES
-    from pipeline.config import BackboneConfig, load_config
+    from pipeline.config import ConfigError, load_config
 
     overrides = []
     if args.run:
@@ -116,52 +132,88 @@ def config_from_args(args):
             overrides.append("extract.mixed_precision=true")
         if args.phase in ("phase3", "all"):
             overrides.append("train.mixed_precision=true")
-    config_path = args.config or saved_run_config(args)
-    config = load_config(config_path, overrides + args.overrides)
+    saved = None if args.config else saved_run_config(args)
+    try:
+        config = load_config(args.config or saved, overrides + args.overrides)
+        choose_backbones(config, args)
+    except ConfigError as exc:
+        if saved:
+            raise ConfigError(f"{exc} (with the saved settings of run {args.run!r}, {saved})") from None
+        raise
+    return config
+
+
+def choose_backbones(config, args) -> None:
+    """Apply --backbone, --weights, --image-size and the backbone options to `config`, then check it again."""
+    from models.backbones import BACKBONES, get_spec, parameter_help
+    from pipeline.config import BackboneConfig, ConfigError, validate
+    from pipeline.config_io import parse_value
 
     names = getattr(args, "backbone", None)
     if names:
         unknown = [n for n in names if n not in BACKBONES]
         if unknown:
-            raise SystemExit(f"error: unknown backbone(s) {unknown}; known: {', '.join(sorted(BACKBONES))}")
+            raise ConfigError(f"unknown backbone(s) {unknown}; known: {', '.join(sorted(BACKBONES))}")
         template = config.extract.backbones[0]
         chosen = []
         for n in names:
             # A backbone the configuration already describes keeps its settings (a saved run's
-            # image size, alpha, weights); a new one starts from the first's weights.
+            # image size, options, weights); a new one starts from the first's weights, and its
+            # options where it takes the same ones.
             known = [b for b in config.extract.backbones if b.name == n]
-            chosen += known or [BackboneConfig(name=n, weights=template.weights,
+            options = {k: v for k, v in template.params.items() if k in get_spec(n).params}
+            chosen += known or [BackboneConfig(name=n, weights=template.weights, params=options,
                                                weights_fallback=template.weights_fallback,
-                                               alpha=template.alpha if n == "mobilenet" else 1.0)]
+                                               init_seed=template.init_seed)]
         config.extract.backbones = chosen
+
+    options = {}
+    for item in getattr(args, "backbone_param", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--backbone-param {item!r} is not of the form KEY=VALUE")
+        options[key.strip()] = value
+    for key in parameter_help():
+        value = getattr(args, f"backbone_param_{key}", None)
+        if value is not None:
+            options[key] = value
+    for key, value in options.items():
+        takers = [b for b in config.extract.backbones if key in get_spec(b.name).params]
+        if not takers:
+            names = ", ".join(b.name for b in config.extract.backbones)
+            raise ConfigError(f"backbone option {key!r}: none of the backbones ({names}) takes it")
+        for backbone in takers:
+            backbone.params = {**backbone.params, key: parse_value(value, f"--backbone-param {key}")}
     for backbone in config.extract.backbones:
         if getattr(args, "weights", None) is not None:
             backbone.weights = args.weights
             backbone.weights_fallback = "error"  # asked for explicitly: missing weights must stop the run
         if getattr(args, "image_size", None) is not None:
             backbone.image_size = args.image_size
-        if getattr(args, "alpha", None) is not None and backbone.name == "mobilenet":
-            backbone.alpha = args.alpha
-    return config
+    validate(config)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.config import ConfigError
-    from pipeline.core.logging_setup import setup_logging
+    from pipeline.core.logging_setup import import_tensorflow_quietly, setup_logging
+    from pipeline.runner import PHASE_ERRORS, PHASES, check_before_work, run_phases
 
     setup_logging(verbose=args.verbose)
+    phases = list(PHASES) if args.phase == "all" else [args.phase]
     try:
         config = config_from_args(args)
+        check_before_work(config, phases)   # every check that needs no TensorFlow, before it loads
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from pipeline.runner import PHASE_ERRORS, run_phases
-
-    phases = [f"phase{i}" for i in range(6)] if args.phase == "all" else [args.phase]
+    import_tensorflow_quietly()
     try:
         run_phases(config, phases, force=args.force, command=" ".join(["python run.py", *sys.argv[1:]]))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except PHASE_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

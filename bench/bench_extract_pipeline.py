@@ -45,9 +45,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     per_class = max(1, args.images // 10)
     config = load_config(None, [f"data.source={args.source}", f"data.limit_per_class={per_class}",
-                                "data.ratios=1.0,0.0,0.0", f"data.tfrecords_dir={work}", "data.shard_size=256"])
-    run_ingest(config)
-    shards = list_shards(work / Path(args.source).name, "train")
+                                "data.ratios=1.0,0.0,0.0", f"data.tfrecords_dir={work}", "data.shard_size=256",
+                                f"runs_dir={work}/runs"])
+    shards = list_shards(run_ingest(config), "train")
 
     extractor = build_feature_extractor(args.backbone, weights="none", image_size=args.size, alpha=args.alpha)
     model = extractor.model

@@ -34,7 +34,8 @@ def main() -> None:
                "--weights", weights, "--image-size", str(args.size)]
         print("running:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, env=os.environ.copy())
-    print("\n| weights | variant | P@1 | P@5 | R@5 | mAP | MAP@R | R-precision | NMI |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| weights | variant | P@1 | P@5 | R@5 | mAP | MAP@R | R-precision | NMI |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for weights in ("imagenet", "none"):
         m = json.loads(next((work / f"runs/flowers-{weights}/eval").glob("*/metrics.json")).read_text())
         for variant, r in m["retrieval"].items():

@@ -22,7 +22,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.phases.evaluate import load_embeddings  # noqa: E402
+from pipeline.core.artifacts import load_embeddings  # noqa: E402
 from pipeline.vectors.retrieval import retrieve  # noqa: E402
 
 

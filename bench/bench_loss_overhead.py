@@ -4,7 +4,8 @@ Head mode (default): the same embedding head (Dense(512) → BN → L2) on the s
 class-balanced P×K batches of synthetic pooled features. Finetune mode (`--mode finetune`):
 the phase-3 finetune model (MobileNet 0.25 trunk with its last 20 layers trainable + head)
 on P×K batches of synthetic images held in memory (decoding is not timed). The baseline
-adds a Dense softmax classifier trained with sparse categorical cross-entropy. Every model is built and warmed up first, then
+adds a Dense softmax classifier trained with sparse categorical cross-entropy. Every model is built and
+warmed up first, then
 timed runs alternate across models (median of `--repeats`). Overhead = baseline steps/s
 ÷ loss steps/s − 1 (goal < 10 %), from the medians and from the best runs (on a shared
 machine the best run is the one least disturbed by other jobs).

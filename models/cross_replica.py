@@ -3,8 +3,9 @@
 Under tf.distribute each replica sees only its slice of the batch. A pair or
 triplet loss computed on that slice would take its negatives from 1/N of the batch,
 and its value would depend on the number of devices. `gather_global_batch` hands a
-loss the whole batch instead: labels and embeddings are all-gathered, so every
-replica computes the same global-batch loss.
+loss the whole batch instead: labels and embeddings (and, for a query-vs-reference
+loss, the references and their labels) are all-gathered, so every replica computes
+the same global-batch loss.
 
 Gradients: `all_gather`'s gradient all-reduces (sums) the upstream gradient and
 slices out the replica's own rows, so each replica's local embeddings receive N
@@ -32,11 +33,14 @@ def replica_context_size() -> int:
 
 
 def gather_global_batch(*tensors):
-    """(tensors concatenated over replicas along axis 0, loss scale 1/N); (tensors, 1.0) on one replica."""
+    """(tensors concatenated over replicas along axis 0, loss scale 1/N); (tensors, 1.0) on one replica.
+
+    A None (no reference embeddings, say) passes through as None.
+    """
     n_replicas = replica_context_size()
     if n_replicas == 1:
         return tensors, 1.0
     import tensorflow as tf
 
     context = tf.distribute.get_replica_context()
-    return tuple(context.all_gather(t, axis=0) for t in tensors), 1.0 / n_replicas
+    return tuple(None if t is None else context.all_gather(t, axis=0) for t in tensors), 1.0 / n_replicas

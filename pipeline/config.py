@@ -9,13 +9,13 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any
 
-import yaml
+from models.backbones import DEFAULT_BACKBONE, get_spec
+from pipeline.config_io import ConfigError, from_dict, parse_value, read_yaml_file, set_field, to_dict
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type."""
+__all__ = ["ConfigError", "DataConfig", "BackboneConfig", "ExtractConfig", "EvaluateConfig", "TrainConfig",
+           "RunConfig", "load_config", "apply_override", "validate", "validate_losses", "to_dict", "from_dict"]
 
 
 @dataclass
@@ -47,11 +47,11 @@ class DataConfig:
     workers: int = 0
 
 
-@dataclass
+@dataclass(init=False)
 class BackboneConfig:
     """One pretrained feature extractor of phase 1."""
 
-    name: str = "mobilenet"
+    name: str = DEFAULT_BACKBONE
     # "imagenet" (through Keras's cache), "none" (random init) or a path to a weights file.
     weights: str = "imagenet"
     # What to do when `imagenet` weights cannot be found or downloaded:
@@ -59,10 +59,63 @@ class BackboneConfig:
     weights_fallback: str = "error"
     # Input side in pixels; 0 = the backbone's native resolution.
     image_size: int = 0
-    # MobileNet width multiplier.
-    alpha: float = 1.0
+    # The backbone's own options, which each backbone lists with their defaults (models/backbones);
+    # from the command line `--backbone-param KEY=VALUE`.
+    params: dict = field(default_factory=dict)
+    # Seed of a random initialisation (weights: none, or the random fallback), so that two runs
+    # of one configuration, or the two halves of a resumed extraction, use the same network.
+    init_seed: int = 0
     # Folder name of this backbone's artifacts; derived when empty.
     tag: str = ""
+
+    def __init__(self, name: str = DEFAULT_BACKBONE, weights: str = "imagenet", weights_fallback: str = "error",
+                 image_size: int = 0, params: dict | None = None, init_seed: int = 0, tag: str = "",
+                 **param_values: Any):
+        """The backbone's options may also come as keywords, as configs wrote them before `params` existed."""
+        self.name, self.weights, self.weights_fallback = name, weights, weights_fallback
+        self.image_size, self.init_seed, self.tag = image_size, init_seed, tag
+        self.params = {**param_values, **(params or {})}
+
+    @classmethod
+    def normalise_keys(cls, data: dict, where: str) -> dict:
+        """Options written beside the fields (as configs did before `params` existed) move into `params`;
+        explicit `params` win."""
+        spec = _backbone_spec(data.get("name", DEFAULT_BACKBONE), where)
+        names = {f.name for f in dataclasses.fields(cls)}
+        lifted = {k: v for k, v in data.items() if k not in names and (k in spec.params or k in spec.legacy_keys)}
+        if not lifted:
+            return data
+        params = data.get("params") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{where}.params: expected a mapping, got {params!r}")
+        return {**{k: v for k, v in data.items() if k not in lifted}, "params": {**lifted, **params}}
+
+    def resolved_params(self) -> dict:
+        """Every option of this backbone, defaults filled in (ValueError for one it does not take)."""
+        return get_spec(self.name).resolve_params(self.params)
+
+    def artifact_tag(self) -> str:
+        """The folder name of this backbone's artifacts, e.g. `resnet50-224-imagenet`."""
+        return self.tag or get_spec(self.name).tag(self.params, self.image_size, self.weights)
+
+    def extractor_options(self, **overrides: Any) -> dict:
+        """The keyword arguments of `models.backbones.build_feature_extractor` for this backbone."""
+        return {"name": self.name, "weights": self.weights, "image_size": self.image_size,
+                "params": self.resolved_params(), "weights_fallback": self.weights_fallback,
+                "init_seed": self.init_seed, **overrides}
+
+    def fingerprint_fields(self) -> dict:
+        """What decides this backbone's features, as artifact fingerprints hold it.
+
+        The options sit beside the other fields (as before `params` existed), and the seed of
+        a random initialisation enters only where the network is random by choice.
+        """
+        fields = {"name": self.name, "weights": self.weights, "weights_fallback": self.weights_fallback,
+                  "image_size": self.image_size, "tag": self.tag,
+                  **get_spec(self.name).fingerprint_params(self.params)}
+        if self.weights == "none":
+            fields["init_seed"] = self.init_seed
+        return fields
 
 
 @dataclass
@@ -102,55 +155,83 @@ class EvaluateConfig:
 
 @dataclass
 class TrainConfig:
-    """Phase 3: metric-learning heads (and, later, fine-tuned backbones)."""
+    """Phase 3: metric-learning heads (and, later, fine-tuned backbones).
+
+    Every field says, in its metadata, whether it enters the fingerprint of a trained
+    model (pipeline/training/loop.py `fingerprinted_settings` reads it; a field without
+    the rule is refused there, so a new setting cannot silently retrain, or fail to
+    retrain, every finished model):
+        {"fingerprint": True}                       its value enters
+        {"fingerprint": False}                      it never does (the comment says why)
+        "modes": ("finetune",)                      it enters only in these modes (and is
+                                                    only recorded in their training.json)
+        "omitted_at": value                         added after models were first trained: at the
+                                                    value that reproduces those models it stays out,
+                                                    so finished runs stay up to date
+        "fixed_at": value                           it enters at this value whatever it is set to
+        "used_if": "other_field"                    it enters only while that setting is > 0
+        "per_loss": True                            each model fingerprints and records its own
+                                                    loss (name and full configuration) instead
+    """
 
     # One or several losses from models.losses.LOSSES; each trains its own model.
-    losses: list[str] = field(default_factory=lambda: ["triplet"])
+    # Not fingerprinted as a list: each model's fingerprint holds its own loss and configuration.
+    losses: list[str] = field(default_factory=lambda: ["triplet"],
+                              metadata={"fingerprint": False, "per_loss": True})
     # "head": frozen backbone, train the head on cached phase-1 features.
     # "finetune": train the trunk's last layers and the head end to end, on images.
-    mode: str = "head"
-    embedding_dim: int = 512
-    epochs: int = 30
+    mode: str = field(default="head", metadata={"fingerprint": True})
+    embedding_dim: int = field(default=512, metadata={"fingerprint": True})
+    epochs: int = field(default=30, metadata={"fingerprint": True})
     # Class-balanced batches: P classes × K samples.
-    n_classes_per_batch: int = 16
-    n_samples_per_class: int = 4
-    steps_per_epoch: int = 0          # 0 = one pass over the training items
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    early_stopping_patience: int = 5
-    reduce_lr_patience: int = 2
-    checkpoint_every: int = 5         # epochs between periodic checkpoints
+    n_classes_per_batch: int = field(default=16, metadata={"fingerprint": True})
+    n_samples_per_class: int = field(default=4, metadata={"fingerprint": True})
+    # 0 = one pass over the training items
+    steps_per_epoch: int = field(default=0, metadata={"fingerprint": True})
+    learning_rate: float = field(default=1e-3, metadata={"fingerprint": True})
+    weight_decay: float = field(default=1e-4, metadata={"fingerprint": True})
+    early_stopping_patience: int = field(default=5, metadata={"fingerprint": True})
+    reduce_lr_patience: int = field(default=2, metadata={"fingerprint": True})
+    # Epochs between periodic checkpoints.
+    checkpoint_every: int = field(default=5, metadata={"fingerprint": True})
     # Per-loss hyper-parameters, e.g. {"triplet": {"margin": 0.2, "mining": "semi_hard"}}.
-    loss_params: dict = field(default_factory=dict)
-    # Used when the dataset has no validation split: share of training classes held out.
-    holdout_fraction: float = 0.1
+    # Not fingerprinted as a whole: each model's fingerprint holds its own loss's full configuration.
+    loss_params: dict = field(default_factory=dict, metadata={"fingerprint": False, "per_loss": True})
+    # Used when the dataset has no usable validation split: the share of the training
+    # classes held out, or, when the classes left could not fill a batch
+    # (n_classes_per_batch), the share of each training class's items.
+    holdout_fraction: float = field(default=0.1, metadata={"fingerprint": True})
     # XLA-compile the train step: batches are fixed-size P×K, so it compiles once; on
     # 2 CPU cores it roughly doubles head-mode steps/s (bench/bench_loss_overhead.py).
-    jit_compile: bool = True
+    jit_compile: bool = field(default=True, metadata={"fingerprint": True})
     # Also save the image-level model (backbone + head): .keras and a TF SavedModel.
-    export: bool = True
-    seed: int = 0
+    # Whether phase 3 exports changes nothing about training: always fingerprinted as
+    # its default, so fingerprints from before the setting existed still match.
+    export: bool = field(default=True, metadata={"fingerprint": True, "fixed_at": True})
+    seed: int = field(default=0, metadata={"fingerprint": True})
     # mixed_float16 compute (GPUs); the losses and the final L2 normalisation stay float32.
-    mixed_precision: bool = False
+    mixed_precision: bool = field(default=False, metadata={"fingerprint": True, "omitted_at": False})
     # MirroredStrategy over exactly these devices (e.g. ["/gpu:0", "/gpu:1"]); empty: all
     # visible GPUs when there are several, TF_CONFIG's workers when it is set (pipeline/distribute.py).
-    devices: list[str] = field(default_factory=list)
+    # Not fingerprinted: the same global batches are learnt from on any number of devices.
+    devices: list[str] = field(default_factory=list, metadata={"fingerprint": False})
     # What makes two items a positive pair: "label", or "group" (items derived from one
     # original: the original and its variants); other groups are the negatives.
-    positives: str = "label"
+    positives: str = field(default="label", metadata={"fingerprint": True, "omitted_at": "label"})
     # Hard-negative seeding: share of each batch's other P-1 classes taken from the
     # classes of the items the phase-1 baseline ranks highest for the batch's anchor
     # (0 = plain class-balanced batches), from each item's `hard_negatives_per_item` top negatives.
-    hard_negative_share: float = 0.0
-    hard_negatives_per_item: int = 10
+    hard_negative_share: float = field(default=0.0, metadata={"fingerprint": True, "omitted_at": 0.0})
+    hard_negatives_per_item: int = field(default=10, metadata={"fingerprint": True,
+                                                                "used_if": "hard_negative_share"})
     # Finetune mode only. How many of the trunk's last layers train (BatchNormalization
     # layers among them stay frozen); 0 trains the head alone, on images.
-    finetune_layers: int = 20
+    finetune_layers: int = field(default=20, metadata={"fingerprint": True, "modes": ("finetune",)})
     # The trunk's learning rate; the head trains at `learning_rate` (one AdamW with a
     # per-variable multiplier, models/optimizers.py).
-    finetune_learning_rate: float = 1e-4
+    finetune_learning_rate: float = field(default=1e-4, metadata={"fingerprint": True, "modes": ("finetune",)})
     # Random resized crop, horizontal flip and mild colour jitter of training images.
-    augment: bool = True
+    augment: bool = field(default=True, metadata={"fingerprint": True, "modes": ("finetune",)})
 
 
 @dataclass
@@ -167,72 +248,38 @@ class RunConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        if isinstance(value, hint):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return from_dict(hint, value, where)
-    if origin is list:
-        (item_hint,) = get_args(hint)
-        if isinstance(value, str):
-            value = [v for v in (s.strip() for s in value.split(",")) if v]
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_coerce(v, item_hint, f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if hint in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            number = hint(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}") from None
-        if hint is int and isinstance(value, float) and number != value:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return number
-    if hint is str:
-        if value is None:
-            return ""
-        return str(value)
-    return value
+def _backbone_spec(name: Any, where: str):
+    try:
+        return get_spec(str(name))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
-def from_dict(cls: type, data: dict, where: str = "config") -> Any:
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def to_dict(config: Any) -> dict:
-    return dataclasses.asdict(config)
-
-
-_BACKBONE_ITEM = re.compile(r"^extract\.backbones\.(\d+)\.(\w+)$")
+_BACKBONE_ITEM = re.compile(r"^extract\.backbones\.(\d+)\.(\w+)(?:\.(\w+))?$")
 
 
 def apply_override(config: RunConfig, dotted: str, value: Any) -> None:
-    """Set `section.key=value` (e.g. `evaluate.k=10`, `extract.backbones.0.alpha=0.25`)."""
+    """Set `section.key=value` (e.g. `evaluate.k=10`, `extract.backbones.0.params.OPTION=VALUE`).
+
+    A backbone's option may also be set beside its fields (`extract.backbones.0.OPTION=VALUE`).
+    """
     m = _BACKBONE_ITEM.match(dotted)
     if m:
-        index, key = int(m.group(1)), m.group(2)
+        index, key, option = int(m.group(1)), m.group(2), m.group(3)
         backbones = config.extract.backbones
         if index >= len(backbones):
             raise ConfigError(f"{dotted}: there are only {len(backbones)} backbone(s)")
-        _set_field(backbones[index], key, value, dotted)
+        backbone = backbones[index]
+        if option is None and key not in {f.name for f in dataclasses.fields(backbone)}:
+            spec = _backbone_spec(backbone.name, dotted)
+            if key in spec.params or key in spec.legacy_keys:
+                key, option = "params", key
+        if key == "params" and option is not None:
+            backbone.params = {**backbone.params, option: parse_value(value, dotted)}
+            return
+        if option is not None:
+            raise ConfigError(f"unknown setting {dotted!r}")
+        set_field(backbone, key, value, dotted)
         return
     parts = dotted.split(".")
     target: Any = config
@@ -240,16 +287,7 @@ def apply_override(config: RunConfig, dotted: str, value: Any) -> None:
         if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
             raise ConfigError(f"unknown setting {dotted!r}")
         target = getattr(target, part)
-    _set_field(target, parts[-1], value, dotted)
-
-
-def _set_field(target: Any, key: str, value: Any, dotted: str) -> None:
-    if not dataclasses.is_dataclass(target) or key not in {f.name for f in dataclasses.fields(target)}:
-        raise ConfigError(f"unknown setting {dotted!r}")
-    hint = get_type_hints(type(target))[key]
-    if isinstance(value, str) and get_origin(hint) is not list and hint is not str:
-        value = yaml.safe_load(value)
-    setattr(target, key, _coerce(value, hint, dotted))
+    set_field(target, parts[-1], value, dotted)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -259,7 +297,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_yaml_file(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = loaded
@@ -285,6 +323,9 @@ _CHOICES = {
 
 
 def validate(config: RunConfig) -> None:
+    """Every rule that needs no TensorFlow, so a command stops on a bad setting before any work
+    (the loss names are checked by `validate_losses`, for the phases that train). Backbone options are
+    normalised on the way: defaults filled in, values of the declared type."""
     for (section, key), allowed in _CHOICES.items():
         value = getattr(getattr(config, section), key)
         if value not in allowed:
@@ -305,9 +346,9 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("evaluate.k must be at least 1")
     if not config.extract.backbones:
         raise ConfigError("extract.backbones is empty")
-    for b in config.extract.backbones:
-        if b.weights_fallback not in ("error", "random"):
-            raise ConfigError(f"weights_fallback must be 'error' or 'random', got {b.weights_fallback!r}")
+    for index, backbone in enumerate(config.extract.backbones):
+        _validate_backbone(backbone, f"extract.backbones[{index}]")
+    _validate_training(config.train)
     if not 0.0 <= config.train.hard_negative_share <= 1.0:
         raise ConfigError(f"train.hard_negative_share must lie in [0, 1], got {config.train.hard_negative_share}")
     if config.train.hard_negatives_per_item < 1:
@@ -315,3 +356,38 @@ def validate(config: RunConfig) -> None:
     for p in config.evaluate.projections:
         if p not in ("pca", "tsne", "umap"):
             raise ConfigError(f"evaluate.projections: unknown method {p!r}")
+
+
+def _validate_backbone(backbone: BackboneConfig, where: str) -> None:
+    if backbone.weights_fallback not in ("error", "random"):
+        raise ConfigError(f"weights_fallback must be 'error' or 'random', got {backbone.weights_fallback!r}")
+    if not isinstance(backbone.params, dict):
+        raise ConfigError(f"{where}.params: expected a mapping, got {backbone.params!r}")
+    spec = _backbone_spec(backbone.name, where)
+    try:
+        spec.check(backbone.params, backbone.image_size, backbone.weights, backbone.weights_fallback)
+        backbone.params = spec.resolve_params(backbone.params)
+    except ValueError as exc:
+        raise ConfigError(f"{where} ({backbone.name}): {exc}") from None
+
+
+def _validate_training(train: TrainConfig) -> None:
+    if not train.losses:
+        raise ConfigError("train.losses is empty: name at least one loss")
+    for key in ("n_classes_per_batch", "n_samples_per_class"):
+        if getattr(train, key) < 2:
+            raise ConfigError(f"train.{key} must be at least 2")
+    if train.epochs < 1 or train.steps_per_epoch < 0 or train.embedding_dim < 1:
+        raise ConfigError("train.epochs and train.embedding_dim must be positive, train.steps_per_epoch >= 0")
+    if train.finetune_layers < 0 or train.finetune_learning_rate <= 0 or train.learning_rate <= 0:
+        raise ConfigError("train.finetune_layers must be >= 0, train.learning_rate and "
+                          "train.finetune_learning_rate positive")
+
+
+def validate_losses(config: RunConfig) -> None:
+    """The loss names against the registry (read without importing Keras)."""
+    from models.losses.registry import LOSS_NAMES
+
+    unknown = [name for name in config.train.losses if name not in LOSS_NAMES]
+    if unknown:
+        raise ConfigError(f"train.losses: unknown loss {unknown}; known: {sorted(LOSS_NAMES)}")

@@ -12,7 +12,8 @@ import pytest
 from pipeline.core import atomic
 from pipeline.training import checkpoints
 from pipeline.training.checkpoints import BackupError, EpochBackup, read_state
-from pipeline.training.head import fingerprinted_settings, run_train
+from pipeline.phases.train import run_train
+from pipeline.training.loop import fingerprinted_settings
 from tests.test_train import TAG, _Interrupt, _RecordEpochs, clustered_features, make_config, write_phase1
 
 MONITOR = "val_MAP@R"
@@ -200,6 +201,72 @@ def test_the_export_switch_is_not_part_of_the_fingerprint():
     from pipeline.config import TrainConfig
 
     assert fingerprinted_settings(TrainConfig(export=False)) == fingerprinted_settings(TrainConfig(export=True))
+
+
+# Training fingerprints as the code computed them before the rules moved next to TrainConfig's fields
+# (field metadata): a finished model stays up to date only while these stay the same.
+PINNED_SETTINGS_FINGERPRINTS = {
+    "default": ({}, "54ddadf8cf94fe90", "4450084973e95e08"),
+    "export_off": ({"export": False}, "54ddadf8cf94fe90", "4450084973e95e08"),
+    "later_fields_set": ({"mixed_precision": True, "positives": "group", "hard_negative_share": 0.5,
+                          "hard_negatives_per_item": 7}, "71857683031f2eba", "0bb637166fb31708"),
+    "finetune_knobs": ({"mode": "finetune", "finetune_layers": 5, "finetune_learning_rate": 3e-5, "augment": False,
+                        "devices": ["/cpu:0"], "losses": ["arcface", "triplet"],
+                        "loss_params": {"triplet": {"margin": 0.3}}}, "c23d1a059735f615", "c84601a47b284085"),
+    "hard_negatives_unused": ({"hard_negatives_per_item": 7, "mode": "finetune"}, "c23d1a059735f615",
+                              "ef49006670cfb82f"),
+    "misc": ({"embedding_dim": 64, "epochs": 3, "n_classes_per_batch": 4, "n_samples_per_class": 2,
+              "steps_per_epoch": 5, "learning_rate": 0.01, "weight_decay": 0.0, "early_stopping_patience": 1,
+              "reduce_lr_patience": 1, "checkpoint_every": 2, "holdout_fraction": 0.25, "jit_compile": False,
+              "seed": 3}, "5960b0e011b08311", "35ca2c4dc4edbada"),
+}
+PINNED_OBJECTIVE_FINGERPRINTS = {
+    ("triplet", ()): "01b9d2b8695480bc",
+    ("triplet", (("margin", 0.2), ("mining", "batch_hard"))): "af897dbfea2aa974",
+    ("arcface", ()): "d5cc8112cba0adca",
+    ("arcface", (("margin", 0.2), ("scale", 16.0))): "0d4c962d257dd67c",
+    ("contrastive", ()): "6e1a34650afb9a15",
+    ("multisimilarity", ()): "66ec0f40af23add9",
+    ("contrastive_softmax", ()): "0d44e2edffb2a834",
+    ("supcon", ()): "b78b6166da095bd1",
+    ("infonce", ()): "9cab1d7809b5be80",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_SETTINGS_FINGERPRINTS))
+def test_training_settings_fingerprints_of_finished_runs_are_unchanged(name):
+    from pipeline.config import TrainConfig
+    from pipeline.core.run_dir import fingerprint_of
+
+    settings, head, finetune = PINNED_SETTINGS_FINGERPRINTS[name]
+    config = TrainConfig(**settings)
+    assert fingerprint_of(fingerprinted_settings(config, "head")) == head
+    assert fingerprint_of(fingerprinted_settings(config, "finetune")) == finetune
+
+
+@pytest.mark.parametrize("loss, params", sorted(PINNED_OBJECTIVE_FINGERPRINTS))
+def test_loss_part_of_training_fingerprints_is_unchanged(loss, params):
+    from pipeline.core.run_dir import fingerprint_of
+    from pipeline.training.objectives import objective_for
+
+    fingerprint = fingerprint_of(objective_for(loss, dict(params)).fingerprint())
+    assert fingerprint == PINNED_OBJECTIVE_FINGERPRINTS[(loss, params)]
+
+
+def test_every_training_setting_says_whether_it_enters_the_fingerprint():
+    import dataclasses
+
+    from pipeline.config import TrainConfig
+
+    undeclared = [f.name for f in dataclasses.fields(TrainConfig) if "fingerprint" not in f.metadata]
+    assert not undeclared, f"give these TrainConfig fields metadata={{'fingerprint': ...}}: {undeclared}"
+
+    @dataclasses.dataclass
+    class WithANewSetting(TrainConfig):
+        new_setting: int = 0
+
+    with pytest.raises(TypeError, match="new_setting does not say whether it enters"):
+        fingerprinted_settings(WithANewSetting())
 
 
 def test_a_failure_while_saving_resumes_without_training_again(tmp_path, data, uninterrupted, monkeypatch):

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.replica_checks import LOSS_CASES
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
-LOSS_CASES = ["triplet", "triplet_batch_all", "triplet_batch_hard", "contrastive", "contrastive_softmax", "arcface",
-              "multisimilarity", "supcon", "infonce"]
 
 
 def _result(stdout: str, stderr: str, returncode: int, what: str) -> dict:
@@ -103,7 +103,9 @@ def test_two_workers_from_tf_config_match_one_device(worker_reports, case):
         _assert_matches_one_device(worker["losses"][case])
 
 
-@pytest.mark.parametrize("case", ["triplet", "contrastive", "supcon", "infonce", "multisimilarity"])
+@pytest.mark.parametrize("case", ["triplet", "contrastive", "supcon", "infonce", "multisimilarity",
+                                  "triplet_reference", "contrastive_reference", "supcon_reference",
+                                  "infonce_reference", "multisimilarity_reference"])
 def test_the_check_would_see_a_loss_computed_on_local_slices_only(report, case):
     # Each replica holds two of the four classes: without gathering, negatives from the
     # other replica's classes are missing and the loss differs. This keeps the test above honest.

@@ -73,6 +73,24 @@ def test_rerun_does_nothing_and_force_redoes(finished_run):
     assert metrics.stat().st_mtime_ns != before[1]
 
 
+def test_random_weights_are_seeded_and_recorded(finished_run):
+    tmp_path, _ = finished_run
+    meta = json.loads((tmp_path / "runs/t/embeddings/mobilenet-a0.25-32-none/meta.json").read_text())
+    assert meta["weights_loaded"] == "random" and meta["init_seed"] == 0
+
+
+def test_a_garbage_weights_file_is_one_line_and_saves_nothing(finished_run, capsys):
+    tmp_path, _ = finished_run
+    bad = tmp_path / "bad.h5"
+    bad.write_text("x\n")
+    saved = tmp_path / "runs/t/config.yaml"
+    before = saved.read_bytes()
+    assert cli.main(["phase1", *_args(tmp_path), "--weights", str(bad)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: weights file") and "cannot be loaded" in err[-1]
+    assert saved.read_bytes() == before, "the rejected weights are not saved as the run's setting"
+
+
 def test_interrupted_extraction_resumes_from_finished_shards(tmp_path, monkeypatch):
     import pipeline.data.tfrecords as data
 
@@ -119,8 +137,8 @@ def test_real_weights_on_a_flowers_subset(tmp_path, monkeypatch):
     """MobileNet 0.25 with real ImageNet weights beats random weights on unseen flower classes."""
     flowers = shared_path("data", "flowers102")
     home = shared_path("keras")
-    import models.backbones.registry as bb
-    monkeypatch.setattr(bb, "keras_cache_dirs", lambda: [home / "models"])
+    import models.backbones.weights as bw
+    monkeypatch.setattr(bw, "keras_cache_dirs", lambda: [home / "models"])
     # 8 classes (4 train, 4 unseen test) × 12 images keeps this under a minute on 2 cores.
     subset = tmp_path / "flowers"
     for folder in sorted(flowers.iterdir())[:8]:
@@ -167,13 +185,15 @@ def test_mixed_precision_extraction_matches_float32(finished_run):
 
 def test_random_fallback_is_redone_once_weights_arrive(tmp_path, monkeypatch):
     """A demo that ran from random weights must not be 'up to date' after the weights reach the cache."""
-    import models.backbones.registry as bb
+    import keras
+
+    import models.backbones.weights as bw
 
     images = make_class_folder(tmp_path / "images", n_classes=3, per_class=6)
     cache = tmp_path / "keras_models"
     cache.mkdir()
-    monkeypatch.setattr(bb, "keras_cache_dirs", lambda: [cache])
-    monkeypatch.setattr(bb.keras.utils, "get_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(bw, "keras_cache_dirs", lambda: [cache])
+    monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     args = _args(tmp_path, "--set", "extract.backbones.0.weights=imagenet",
                  "--set", "extract.backbones.0.weights_fallback=random")
     assert cli.main(["phase0", "--source", str(images), *args]) == 0

@@ -199,7 +199,7 @@ def _finetune_config(finetuned_run, runs_dir, **train):
 
 
 def test_arcface_finetuning_resumes_where_it_stopped(finetuned_run):
-    from pipeline.training.head import run_train
+    from pipeline.phases.train import run_train
     from tests.test_train import _Interrupt, _RecordEpochs
 
     config = _finetune_config(finetuned_run, finetuned_run / "runs_resume")

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.phases import ingest as ingest_module
+from pipeline.data import shards as shards_module
+from pipeline.data import validate as validate_module
 from pipeline.data import sources
 from pipeline.config import DataConfig, RunConfig
 from pipeline.phases.ingest import run_ingest
+from pipeline.core.artifacts import dataset_settings_key
 from pipeline.core.errors import IngestError
 from pipeline.data.schema import SPLITS
 
@@ -51,7 +53,8 @@ def make_folder(root: Path, classes=("cat", "dog", "eel"), per_class=6) -> dict[
 
 def config(source, tmp_path: Path, **data) -> RunConfig:
     data.setdefault("workers", 1)
-    return RunConfig(data=DataConfig(source=str(source), tfrecords_dir=str(tmp_path / "tfr"), **data))
+    return RunConfig(data=DataConfig(source=str(source), tfrecords_dir=str(tmp_path / "tfr"), **data),
+                     runs_dir=str(tmp_path / "runs"))
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -138,8 +141,10 @@ def test_round_trip_through_the_tfrecords(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
 
-    out = run_ingest(config(manifest_path, tmp_path, shard_size=4))
-    assert out == tmp_path / "tfr" / "items"
+    cfg = config(manifest_path, tmp_path, shard_size=4)
+    out = run_ingest(cfg)
+    # Named after the manifest, keyed by the data settings (another seed or split: another folder).
+    assert out == tmp_path / "tfr" / f"items-{dataset_settings_key(cfg.data)}"
     summary = json.loads((out / "dataset.json").read_text())
     classes = summary["classes"]
     records = read_records(out)
@@ -175,7 +180,7 @@ def test_manifest_order_matches_shard_order_and_columns(tmp_path):
     out = run_ingest(config(root, tmp_path, shard_size=5))
     with open(out / "manifest.csv", newline="") as f:
         header = next(csv.reader(f))
-    assert header == list(ingest_module.MANIFEST_COLUMNS)
+    assert header == list(shards_module.MANIFEST_COLUMNS)
     manifest_ids = [r["id"] for r in read_csv(out / "manifest.csv")]
     record_ids = []
     summary = json.loads((out / "dataset.json").read_text())
@@ -213,10 +218,10 @@ def test_same_seed_same_dataset_and_worker_count_does_not_matter(tmp_path, monke
     root = tmp_path / "src"
     make_folder(root, per_class=12)
     a = run_ingest(config(root, tmp_path / "a", seed=3, shard_size=7))
-    monkeypatch.setattr(ingest_module, "MIN_ITEMS_FOR_POOL", 1)  # exercise the process pool
+    monkeypatch.setattr(validate_module, "MIN_ITEMS_FOR_POOL", 1)  # exercise the process pool
     pools = []
-    original_close = ingest_module._Validator.close
-    monkeypatch.setattr(ingest_module._Validator, "close",
+    original_close = validate_module.Validator.close
+    monkeypatch.setattr(validate_module.Validator, "close",
                         lambda self: (pools.append(self.executor), original_close(self))[1])
     b = run_ingest(config(root, tmp_path / "b", seed=3, shard_size=7, workers=2))
     assert len(pools) == 1 and pools[0] is not None
@@ -412,8 +417,8 @@ def test_broken_worker_pool_falls_back_to_this_process(tmp_path, monkeypatch, ca
     root = tmp_path / "src"
     make_folder(root, per_class=4)
     expected = run_ingest(config(root, tmp_path / "serial"))
-    monkeypatch.setattr(ingest_module, "MIN_ITEMS_FOR_POOL", 1)
-    monkeypatch.setattr(ingest_module, "ProcessPoolExecutor", DyingExecutor)
+    monkeypatch.setattr(validate_module, "MIN_ITEMS_FOR_POOL", 1)
+    monkeypatch.setattr(validate_module, "ProcessPoolExecutor", DyingExecutor)
     with caplog.at_level(logging.WARNING, logger="embedlab.ingest"):
         out = run_ingest(config(root, tmp_path / "pool", workers=2))
     assert "worker processes failed" in caplog.text
@@ -470,3 +475,51 @@ def test_missing_builtins_explain_where_they_looked(tmp_path, monkeypatch):
     assert str(tmp_path / "nowhere" / "datasets" / "fashion-mnist") in message
     with pytest.raises(IngestError, match="label_from: parent"):
         run_ingest(config("cifar10", tmp_path))
+
+
+# --------------------------------------------------------------------------- messages (issue 9, items 10 and 12)
+
+
+def test_reject_summary_keeps_every_reason_and_adds_up(tmp_path, caplog):
+    root = tmp_path / "bad"
+    make_folder(root, per_class=3)
+    (root / "cat" / "empty.png").write_bytes(b"")
+    (root / "cat" / "text.jpg").write_text("not a picture\n")
+    (root / "dog" / "notes.txt").write_text("hello\n")
+    (root / "dog" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30)
+    with caplog.at_level(logging.WARNING, logger="embedlab.ingest"):
+        out = run_ingest(config(root, tmp_path))
+    rejects = read_csv(out / "rejects.csv")
+    line = next(r.getMessage() for r in caplog.records if "rejected" in r.getMessage())
+    assert line.startswith(f"phase 0: {len(rejects)} rejected")
+    for reason in {r["reason"] for r in rejects}:
+        assert f"{reason}: " in line, (reason, line)
+
+    from pipeline.phases.ingest import reject_reasons
+
+    many = [(f"f{i}", f"reason {i % 7}") for i in range(20)] + [("g", "reason 0")]
+    text = reject_reasons(many, shown=5)
+    assert text.endswith("and 2 more reasons (5 files)")
+    listed = [int(part.split(": ")[1]) for part in text.split(", and")[0].split(", ")]
+    assert sum(listed) + 5 == len(many)
+
+
+def test_splits_that_cannot_be_evaluated_are_warned_about(tmp_path, caplog):
+    one_class = tmp_path / "one"
+    make_folder(one_class, classes=("cat",), per_class=8)
+    with caplog.at_level(logging.WARNING, logger="embedlab.ingest"):
+        out = run_ingest(config(one_class, tmp_path / "a"))
+    assert "only one class (cat)" in caplog.text
+    assert any("only one class" in w for w in json.loads((out / "dataset.json").read_text())["warnings"])
+
+    caplog.clear()
+    tiny = tmp_path / "tiny"
+    make_folder(tiny, classes=("cat", "dog"), per_class=8)  # 16 images: one test image per class
+    with caplog.at_level(logging.WARNING, logger="embedlab.ingest"):
+        run_ingest(config(tiny, tmp_path / "b"))
+    assert "no test image has another image of its class in the gallery (test)" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="embedlab.ingest"):
+        run_ingest(config(tiny, tmp_path / "c", ratios=[0.5, 0.0, 0.5]))
+    assert "gallery" not in caplog.text, "4 test images per class can all be scored"

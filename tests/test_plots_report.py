@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.reporting import plots
+from pipeline.reporting import neighbour_grid, plots
 from pipeline.vectors.projections import project_2d, stratified_sample
-from pipeline.reporting.report import build_view, diagnostics_reading, fmt, render_report
+from pipeline.reporting.formatting import fmt
+from pipeline.reporting.readings import diagnostics_reading
+from pipeline.reporting.report import build_view, render_report
 
 EVIL = "<b>x</b>"
 
@@ -154,7 +156,7 @@ def test_plot_neighbour_grid_mixed_sizes_and_gaps(tmp_path):
     colour = (rng.random((40, 60, 3)) * 255).astype(np.uint8)
     grey = (rng.random((28, 28)) * 255).astype(np.uint8)
     floats = rng.random((32, 32, 3))
-    path = plots.plot_neighbour_grid(
+    path = neighbour_grid.plot_neighbour_grid(
         [colour, grey, None],
         ["Trouser", EVIL, "Bag"],
         [[grey, colour, floats], [colour, None], []],
@@ -165,7 +167,7 @@ def test_plot_neighbour_grid_mixed_sizes_and_gaps(tmp_path):
     )
     assert_png(path)
     # Without explicit correctness flags the colours come from label equality.
-    assert_png(plots.plot_neighbour_grid([grey], ["a"], [[grey, grey]], [["a", "b"]], [[0.1, 0.2]], None,
+    assert_png(neighbour_grid.plot_neighbour_grid([grey], ["a"], [[grey, grey]], [["a", "b"]], [[0.1, 0.2]], None,
                                          tmp_path / "nn2.png", "t", "distance"))
 
 

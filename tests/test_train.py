@@ -17,7 +17,7 @@ from pipeline.config import BackboneConfig, RunConfig, TrainConfig
 from pipeline.core.errors import PhaseInputError
 from pipeline.vectors.retrieval import retrieve
 from pipeline.training.sampler import balanced_batch_indices, balanced_batches, split_usable_classes
-from pipeline.training.head import run_train
+from pipeline.phases.train import run_train
 from pipeline.core.errors import TrainingDivergedError
 
 TAG = "fake"
@@ -276,12 +276,12 @@ def test_interrupted_training_resumes_where_it_stopped(tmp_path, data):
 
 
 def test_resume_gives_early_stopping_and_lr_schedule_their_state_back():
-    from pipeline.training.head import MONITOR, _RestoreMonitorState
+    from pipeline.training.callbacks import MONITOR, RestoreMonitorState
 
     early = keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=5)
     reduce = keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", patience=2)
     history = pd.DataFrame({"epoch": [0, 1, 2, 3, 4], MONITOR: [0.1, 0.3, 0.2, 0.25, 0.28]})
-    for callback in (early, reduce, _RestoreMonitorState(history, early, reduce)):
+    for callback in (early, reduce, RestoreMonitorState(history, early, reduce)):
         callback.on_train_begin()
     assert early.best == reduce.best == 0.3 and early.best_epoch == 1
     assert early.wait == 3, "three epochs without improvement since the best"
@@ -292,7 +292,7 @@ def test_resume_gives_early_stopping_and_lr_schedule_their_state_back():
 def test_resumed_monitor_state_equals_the_uninterrupted_one(cooldown):
     """Replaying the logged scores gives EarlyStopping and ReduceLROnPlateau exactly the state
     they reach epoch by epoch, min_delta (1e-4 for ReduceLROnPlateau) and cooldown included."""
-    from pipeline.training.head import MONITOR, _RestoreMonitorState
+    from pipeline.training.callbacks import MONITOR, RestoreMonitorState
 
     scores = [0.5, 0.50005, 0.3, 0.3, 0.6, 0.6, 0.60001, 0.2, 0.1]
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
@@ -314,7 +314,7 @@ def test_resumed_monitor_state_equals_the_uninterrupted_one(cooldown):
         reduce.on_epoch_end(epoch, logs)   # adds the epoch's learning rate to the logs
         rows.append({"epoch": epoch, MONITOR: score, "learning_rate": logs["learning_rate"]})
         resumed_early, resumed_reduce = fresh()
-        restore = _RestoreMonitorState(pd.DataFrame(rows), resumed_early, resumed_reduce)
+        restore = RestoreMonitorState(pd.DataFrame(rows), resumed_early, resumed_reduce)
         restore.set_model(model)
         restore.on_train_begin()
         assert (resumed_early.wait, float(resumed_early.best), resumed_early.best_epoch) == \
@@ -363,6 +363,45 @@ def test_arcface_trains_through_the_classifier_and_saves_the_head_alone(tmp_path
     assert np.isfinite(summary["best_val"]["MAP@R"])
 
 
+def test_few_training_classes_validate_on_held_out_items_not_classes(tmp_path, data, caplog):
+    """Five training classes and no val split: holding out 10 % of the classes would take two
+    of them (40 %) and leave batches of 3 classes; a share of every class's items validates instead."""
+    features, labels, splits = data
+    few = labels < 5
+    runs = tmp_path / "runs"
+    write_phase1(runs, features[few], labels[few], np.where(splits == "val", "train", splits)[few])
+    with caplog.at_level("WARNING", logger="embedlab.train"):
+        (out,) = run_train(make_config(runs, epochs=2, steps_per_epoch=3))
+    summary = json.loads((out / "training.json").read_text())
+    validation = summary["validation"]
+    assert validation["protocol"] == "holdout_items" and "fewer than one batch's 5" in validation["reason"]
+    assert summary["n_train_classes"] == 5 and validation["n_classes"] == 5
+    # 26 training items per class: round(0.1 * 26) = 3 of each validate, 23 train.
+    assert summary["n_val"] == 5 * 3 and summary["n_train"] == 5 * 23
+    assert "validating on 15 held-out items" in caplog.text and "seen classes" in caplog.text
+
+
+def test_held_out_items_are_stratified_seeded_and_disjoint_from_training():
+    from pipeline.training.protocol import split_train_val
+
+    labels = np.repeat(np.arange(4), [20, 20, 10, 3])   # the 3-item class is too small to give any
+    items = pd.DataFrame({"label": labels, "split": "train"})
+    settings = TrainConfig(holdout_fraction=0.2, n_classes_per_batch=4, seed=1)
+    train_rows, val_rows, validation = split_train_val(items, settings)
+    assert validation["protocol"] == "holdout_items"
+    assert not set(train_rows) & set(val_rows) and len(train_rows) + len(val_rows) == len(labels)
+    np.testing.assert_array_equal(np.bincount(labels[val_rows], minlength=4), [4, 4, 2, 0])
+    again = split_train_val(items, settings)[1]
+    other_seed = split_train_val(items, TrainConfig(holdout_fraction=0.2, n_classes_per_batch=4, seed=2))[1]
+    np.testing.assert_array_equal(val_rows, again)
+    assert not np.array_equal(val_rows, other_seed)
+    # Enough classes to fill a batch after the hold-out: whole classes validate, as before.
+    many = pd.DataFrame({"label": np.repeat(np.arange(12), 5), "split": "train"})
+    assert split_train_val(many, settings)[2]["protocol"] == "holdout_classes"
+    with pytest.raises(PhaseInputError, match="give the dataset a 'val' split"):
+        split_train_val(pd.DataFrame({"label": np.repeat([0, 1, 2], [30, 3, 3]), "split": "train"}), settings)
+
+
 def test_missing_phase1_and_missing_phase0_for_finetune_are_clear_errors(tmp_path):
     config = make_config(tmp_path / "runs")
     with pytest.raises(PhaseInputError, match="run phase1 first"):
@@ -377,7 +416,7 @@ def test_missing_phase1_and_missing_phase0_for_finetune_are_clear_errors(tmp_pat
 # --------------------------------------------------------------------------- positives and hard negatives
 
 def test_pair_keys_by_label_or_by_group():
-    from pipeline.training.head import pair_keys
+    from pipeline.training.protocol import pair_keys
 
     items = pd.DataFrame({"label": [5, 5, 7, 7, 7], "group": ["a", "b", "a", "", ""]})
     np.testing.assert_array_equal(pair_keys(items, TrainConfig(positives="label")), [5, 5, 7, 7, 7])
@@ -411,7 +450,7 @@ def test_hard_negative_batches_train_and_are_recorded(tmp_path, data):
 
 
 def test_a_training_that_never_beat_the_untrained_model_is_flagged(tmp_path, caplog):
-    from pipeline.training.head import finish_training
+    from pipeline.training.loop import finish_training
 
     summary = {"best_epoch": 1, "epochs_run": 6, "best_val": {"P@1": 0.22, "MAP@R": 0.14},
                "initial_val": {"P@1": 0.78, "MAP@R": 0.78}}

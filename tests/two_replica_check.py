@@ -29,7 +29,7 @@ DEVICES = ["/cpu:0", "/cpu:1"]
 
 
 def compare_training() -> dict:
-    from pipeline.training.head import run_train
+    from pipeline.phases.train import run_train
     from tests.test_train import clustered_features, make_config, write_phase1
 
     features, labels, splits = clustered_features()

@@ -29,7 +29,7 @@ def _resume_after_uneven_preemption(runs: Path) -> dict:
 
     from pipeline.core import atomic
     from pipeline.training.checkpoints import STATE_FILE, read_state
-    from pipeline.training.head import run_train
+    from pipeline.phases.train import run_train
     from tests.test_train import make_config
 
     class Interrupt(keras.callbacks.Callback):
@@ -68,7 +68,7 @@ if __name__ == "__main__":
     report = {"multi_worker": isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy),
               "losses": compare_losses(tf.distribute.get_strategy(), strategy)}
 
-    from pipeline.training.head import run_train
+    from pipeline.phases.train import run_train
     from tests.test_train import make_config
 
     out = run_train(make_config(Path(sys.argv[1]), epochs=2, steps_per_epoch=3, jit_compile=False, export=False,

@@ -1,13 +1,27 @@
-"""Public API of models.backbones."""
+"""Public API of models.backbones: the registry, its keras.applications backbones, and weights handling.
+
+Importing it loads no Keras or TensorFlow; building an extractor does.
+"""
 from models.backbones.registry import (  # noqa: F401
-    WeightsUnavailableError,
     BACKBONES,
-    WeightsFile,
     BackboneSpec,
-    register,
-    get_spec,
-    keras_cache_dirs,
-    resolve_imagenet_weights,
     FeatureExtractor,
+    Param,
+    TrunkBuilder,
+    TrunkRequest,
+    WeightsUnavailableError,
     build_feature_extractor,
+    get_spec,
+    parameter_help,
+    register,
+    seeded_initialisation,
 )
+from models.backbones.weights import (  # noqa: F401
+    WeightsFile,
+    cached_weights,
+    keras_cache_dirs,
+    load_weights_file,
+    resolve_imagenet_weights,
+)
+from models.backbones.keras_apps import DEFAULT_BACKBONE, KerasApplication  # noqa: F401  (registers its specs)
+

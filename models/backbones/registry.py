@@ -1,46 +1,141 @@
-"""Backbone registry: a name → how to build it, its native input size, its preprocessing
-and where its pretrained weights come from.
+"""Backbone registry: a name -> a spec that describes the backbone completely.
 
-Adding a backbone is one `register(...)` call. Every feature extractor has the same
-shape: raw RGB pixels in [0, 255] → `ImagePreprocess` → trunk → global average
-pooling ("pooled", the raw features) → `L2Normalize` ("embedding", unit vectors).
-A non-convolutional trunk (e.g. a CLIP vision encoder from keras-hub) registers a
-builder that returns pooled vectors directly; pooling is then skipped.
+A spec owns its native input size, its preprocessing, its options (a params dict with
+defaults, e.g. MobileNet's width multiplier), the tag its artifacts are filed under, and
+how its trunk is built (a `TrunkBuilder`: `keras_apps.KerasApplication` today; a keras-hub
+`from_preset` builder is one more class with the same three methods). Code outside this
+package names no backbone and no backbone option.
+
+Every feature extractor has the same shape: raw RGB pixels in [0, 255] -> `ImagePreprocess`
+-> trunk -> global average pooling ("pooled", the raw features) -> `L2Normalize`
+("embedding", unit vectors). A trunk that returns pooled vectors itself (a CLIP vision
+encoder) skips the pooling.
+
+Importing this package does not import Keras or TensorFlow (a spec is data; its builder
+imports Keras when it builds), so the command line checks names, options and sizes at once.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+import random
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
-import keras
+from models.backbones.weights import WeightsUnavailableError, load_weights_file
 
-from models.layers import ImagePreprocess, L2Normalize
+if TYPE_CHECKING:
+    import keras
+
+__all__ = ["WeightsUnavailableError", "Param", "TrunkRequest", "TrunkBuilder", "BackboneSpec", "BACKBONES",
+           "register", "get_spec", "parameter_help", "FeatureExtractor", "build_feature_extractor",
+           "seeded_initialisation"]
 
 log = logging.getLogger("embedlab.backbones")
 
 
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights were asked for but neither the Keras cache nor a download has them."""
+@dataclass(frozen=True)
+class Param:
+    """One option of a backbone."""
+
+    default: bool | int | float | str
+    help: str = ""
+    # How the option appears in the artifact tag: this label followed by the value ("a" -> "a0.25").
+    tag_label: str = ""
 
 
 @dataclass(frozen=True)
-class WeightsFile:
-    fname: str
-    url: str
-    file_hash: str | None = None
+class TrunkRequest:
+    backbone: str                          # the registry name, for messages
+    input_shape: tuple[int, int, int]
+    params: Mapping[str, Any]              # resolved: every option of the spec, defaults filled in
+
+
+class TrunkBuilder(Protocol):
+    """How a spec makes its trunk (the network before pooling)."""
+
+    def random(self, request: TrunkRequest) -> keras.Model:
+        """The trunk from a random initialisation."""
+
+    def pretrained(self, request: TrunkRequest) -> keras.Model:
+        """The trunk with its published pretrained weights; `WeightsUnavailableError` when they cannot be had."""
+
+    def pretrained_cached(self, params: Mapping[str, Any]) -> bool:
+        """Whether the pretrained weights are already on this machine (no download needed)."""
+
+    def check(self, params: Mapping[str, Any], pretrained: bool) -> None:
+        """Raise ValueError for options this trunk cannot honour (e.g. no pretrained weights exist for them)."""
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
     native_size: int
-    preprocess: str                                  # an ImagePreprocess mode
-    build: Callable[..., keras.Model]                # (input_shape, alpha) -> trunk without weights
-    imagenet_weights: Callable[[float], WeightsFile]  # alpha -> the Keras weights file
+    preprocess: str                        # an ImagePreprocess mode
+    trunk: TrunkBuilder
+    params: Mapping[str, Param] = field(default_factory=dict)
+    min_size: int = 32                     # smallest input side the trunk accepts
+    # Keys that older configs wrote for every backbone, with the value those configs' fingerprints saw.
+    # They are accepted and ignored, and stay in fingerprints so that finished artifacts stay current.
+    legacy_keys: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+
+    def resolve_params(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Every option of this backbone: the given values (coerced to the default's type), else defaults."""
+        given = dict(given or {})
+        unknown = sorted(k for k in given if k not in self.params and k not in self.legacy_keys)
+        if unknown:
+            known = ", ".join(sorted(self.params)) or "none"
+            raise ValueError(f"backbone {self.name!r} has no parameter(s) {unknown} (its parameters: {known})")
+        return {key: _coerce(key, given.get(key, param.default), param.default) for key, param in self.params.items()}
+
+    def fingerprint_params(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The options as a fingerprint sees them (legacy keys included, see `legacy_keys`)."""
+        return {**self.legacy_keys, **self.resolve_params(given)}
+
+    def tag(self, given: Mapping[str, Any] | None, image_size: int, weights: str) -> str:
+        """The folder name of this backbone's artifacts, e.g. `resnet50-imagenet`, `mobilenet-a0.25-96-imagenet`."""
+        parts = [self.name]
+        parts += [f"{self.params[key].tag_label or key}{_format(value)}"
+                  for key, value in self.resolve_params(given).items()]
+        if image_size:
+            parts.append(str(image_size))
+        parts.append(weights if weights in ("imagenet", "none") else "custom")
+        return "-".join(parts)
+
+    def check(self, given: Mapping[str, Any] | None, image_size: int, weights: str, weights_fallback: str) -> None:
+        """Raise ValueError for settings this backbone cannot run with, before any work starts."""
+        params = self.resolve_params(given)
+        if image_size != 0 and image_size < self.min_size:
+            raise ValueError(f"image_size must be at least {self.min_size} px for backbone {self.name!r} "
+                             f"(or 0 for its native {self.native_size}), got {image_size}")
+        # With the random fallback, missing pretrained weights are not an error.
+        self.trunk.check(params, pretrained=weights == "imagenet" and weights_fallback != "random")
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return str(value).lower() in ("1", "true", "yes", "on")
+    elif kind in (int, float) and not isinstance(value, bool):
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            pass
+        else:
+            if kind is float or float(value) == number:
+                return number
+    elif kind is str:
+        return str(value)
+    raise ValueError(f"parameter {key!r} expects a {kind.__name__}, got {value!r}")
+
+
+def _format(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -58,96 +153,32 @@ def get_spec(name: str) -> BackboneSpec:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}") from None
 
 
-# --------------------------------------------------------------------------- registry
-
-_RESNET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
-_EFFICIENTNET_URL = "https://storage.googleapis.com/keras-applications/"
-_MOBILENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet/"
-
-register(BackboneSpec(
-    name="resnet50", native_size=224, preprocess="caffe",
-    build=lambda input_shape, alpha: keras.applications.ResNet50(
-        include_top=False, weights=None, input_shape=input_shape),
-    imagenet_weights=lambda alpha: WeightsFile(
-        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        _RESNET_URL + "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "4d473c1dd8becc155b73f8504c6f6626"),
-    description="ResNet50 (He et al. 2016), 2048-d",
-))
-
-# Native resolutions and the md5 of each `_notop` file, as keras.applications uses them.
-_EFFICIENTNET = {
-    0: (224, "50bc09e76180e00e4465e1a485ddc09d"), 1: (240, "74c4e6b3e1f6a1eea24c589628592432"),
-    2: (260, "111f8e2ac8aa800a7a99e3239f7bfb39"), 3: (300, "af6d107764bb5b1abb91932881670226"),
-    4: (380, "ebc24e6d6c33eaebbd558eafbeedf1ba"), 5: (456, "38879255a25d3c92d5e44e04ae6cec6f"),
-    6: (528, "9ecce42647a20130c1f39a5d4cb75743"), 7: (600, "cbcfe4450ddf6f3ad90b1b398090fe4a"),
-}
-
-
-def _efficientnet_spec(variant: int, size: int, md5: str) -> BackboneSpec:
-    constructor = getattr(keras.applications, f"EfficientNetB{variant}")
-    fname = f"efficientnetb{variant}_notop.h5"
-    # EfficientNet rescales and normalises inside the Keras model: it takes raw [0, 255].
-    return BackboneSpec(
-        name=f"efficientnetb{variant}", native_size=size, preprocess="none",
-        build=lambda input_shape, alpha: constructor(include_top=False, weights=None, input_shape=input_shape),
-        imagenet_weights=lambda alpha: WeightsFile(fname, _EFFICIENTNET_URL + fname, md5),
-        description=f"EfficientNet-B{variant} (Tan & Le 2019) at {size} px",
-    )
-
-
-for _variant, (_size, _md5) in _EFFICIENTNET.items():
-    register(_efficientnet_spec(_variant, _size, _md5))
-
-
-def _mobilenet_weights(alpha: float) -> WeightsFile:
-    alpha_text = {0.25: "2_5", 0.5: "5_0", 0.75: "7_5", 1.0: "1_0"}.get(float(alpha))
-    if alpha_text is None:
-        raise WeightsUnavailableError(f"MobileNet ImageNet weights exist only for alpha 0.25/0.5/0.75/1.0, not {alpha}")
-    # Without the top, MobileNet's weights do not depend on the input size, so the
-    # 224-px file serves every resolution (Keras would look for a per-size file).
-    fname = f"mobilenet_{alpha_text}_224_tf_no_top.h5"
-    return WeightsFile(fname, _MOBILENET_URL + fname)
-
-
-register(BackboneSpec(
-    name="mobilenet", native_size=224, preprocess="tf",
-    build=lambda input_shape, alpha: keras.applications.MobileNet(
-        include_top=False, weights=None, input_shape=input_shape, alpha=alpha),
-    imagenet_weights=_mobilenet_weights,
-    description="MobileNet v1 (Howard et al. 2017), width multiplier alpha",
-))
-
-
-# --------------------------------------------------------------------------- weights
-
-
-def keras_cache_dirs() -> list[Path]:
-    """Where Keras's own `get_file` looks for cached weights, in its order."""
-    home = Path(os.path.expanduser(keras.config.keras_home() if hasattr(keras.config, "keras_home")
-                                   else os.environ.get("KERAS_HOME", "~/.keras")))
-    return [home / "models", Path("/tmp/.keras/models")]
-
-
-def resolve_imagenet_weights(spec: BackboneSpec, alpha: float) -> Path:
-    """The local path of a backbone's ImageNet weights: the Keras cache, else a download."""
-    wf = spec.imagenet_weights(alpha)
-    for folder in keras_cache_dirs():
-        if (folder / wf.fname).is_file():
-            return folder / wf.fname
-    try:
-        return Path(keras.utils.get_file(wf.fname, wf.url, cache_subdir="models", file_hash=wf.file_hash))
-    except Exception as exc:  # network down, 404, hash mismatch: all mean "not available"
-        expected = keras_cache_dirs()[0] / wf.fname
-        raise WeightsUnavailableError(
-            f"ImageNet weights for backbone {spec.name!r} are not available: {wf.fname} is not in the Keras "
-            f"cache ({expected}) and downloading {wf.url} failed ({type(exc).__name__}: {str(exc)[:160]}). "
-            f"Put the file at {expected} (or set KERAS_HOME to a folder whose models/ holds it), "
-            f"or run with --weights none."
-        ) from exc
+def parameter_help() -> dict[str, str]:
+    """Every option some registered backbone takes -> its help (the command line offers each as a flag)."""
+    options: dict[str, str] = {}
+    for spec in BACKBONES.values():
+        for key, param in spec.params.items():
+            options.setdefault(key, f"{param.help} [{spec.name}]" if param.help else f"[{spec.name}]")
+    return options
 
 
 # --------------------------------------------------------------------------- extractor
+
+
+@contextlib.contextmanager
+def seeded_initialisation(seed: int) -> Iterator[None]:
+    """Make the random initialisation of the layers built inside reproducible.
+
+    Keras gives every initializer created without a seed one drawn from Python's `random`;
+    seeding that (and restoring it afterwards, so nothing else's randomness changes) makes
+    two builds with one seed the same network.
+    """
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 @dataclass
@@ -157,34 +188,40 @@ class FeatureExtractor:
     image_size: int
     dim: int
     weights_loaded: str       # what the weights really are: "imagenet", "random", "random (…)", a path
+    init_seed: int | None = None  # the seed of the random initialisation, when the weights are random
 
 
 def build_feature_extractor(name: str, *, weights: str = "imagenet", image_size: int = 0,
-                            alpha: float = 1.0, weights_fallback: str = "error") -> FeatureExtractor:
+                            params: Mapping[str, Any] | None = None, weights_fallback: str = "error",
+                            init_seed: int = 0, **param_values: Any) -> FeatureExtractor:
+    """Build a backbone's extractor. Its options come as `params` or as keywords (`alpha=0.25`)."""
+    import keras
+
+    from models.layers import ImagePreprocess, L2Normalize
+
     spec = get_spec(name)
     size = image_size or spec.native_size
-    input_shape = (size, size, 3)
-    trunk = spec.build(input_shape, alpha)
+    request = TrunkRequest(name, (size, size, 3), spec.resolve_params({**param_values, **(params or {})}))
 
-    weights_loaded = "random"
-    if weights == "imagenet":
-        try:
-            path = resolve_imagenet_weights(spec, alpha)
-            trunk.load_weights(str(path))
-            weights_loaded = "imagenet"
-        except WeightsUnavailableError as exc:
-            if weights_fallback != "random":
-                raise
-            log.warning("ImageNet weights unavailable for %s, running from a RANDOM initialisation: %s", name, exc)
-            weights_loaded = "random (imagenet weights unavailable)"
-    elif weights not in ("none", "", None):
-        path = Path(weights)
-        if not path.is_file():
-            raise WeightsUnavailableError(f"weights file not found: {path}")
-        trunk.load_weights(str(path))
-        weights_loaded = str(path)
+    weights_loaded, seed = "random", init_seed
+    with seeded_initialisation(init_seed):
+        if weights == "imagenet":
+            try:
+                trunk = spec.trunk.pretrained(request)
+                weights_loaded, seed = "imagenet", None
+            except WeightsUnavailableError as exc:
+                if weights_fallback != "random":
+                    raise
+                log.warning("ImageNet weights unavailable for %s, running from a RANDOM initialisation: %s", name, exc)
+                weights_loaded = "random (imagenet weights unavailable)"
+                trunk = spec.trunk.random(request)
+        else:
+            trunk = spec.trunk.random(request)
+            if weights not in ("none", "", None):
+                load_weights_file(trunk, weights, name)
+                weights_loaded, seed = str(weights), None
 
-    images = keras.Input(shape=input_shape, name="images")
+    images = keras.Input(shape=request.input_shape, name="images")
     x = ImagePreprocess(spec.preprocess, name="preprocess")(images)
     x = trunk(x, training=False)
     if len(x.shape) == 4:
@@ -193,4 +230,4 @@ def build_feature_extractor(name: str, *, weights: str = "imagenet", image_size:
     embedding = L2Normalize(name="embedding")(pooled)
     model = keras.Model(images, {"pooled": pooled, "embedding": embedding}, name=f"{name}_extractor")
     return FeatureExtractor(model=model, name=name, image_size=size, dim=int(pooled.shape[-1]),
-                            weights_loaded=weights_loaded)
+                            weights_loaded=weights_loaded, init_seed=seed)

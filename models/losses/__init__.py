@@ -1,15 +1,30 @@
-"""Public API of models.losses."""
-from models.losses.registry import (  # noqa: F401
-    DISTANCES,
-    LOSSES,
-    TRIPLET_MININGS,
-    TripletLoss,
-    ContrastiveLoss,
-    ContrastiveSoftmaxLoss,
-    ArcFaceLoss,
-    MultiSimilarityLoss,
-    SupConLoss,
-    InfoNCELoss,
-    get_loss,
-    triplet_accuracy,
-)
+"""Public API of models.losses: the registry, every loss class, the loss contract and the triplet metric.
+
+Modules: base (the contract `BatchLoss.compute(embeddings, labels, ref_embeddings, ref_labels)`
+and the shared pair algebra), pair (triplet, contrastive, contrastive-softmax,
+multi-similarity), softmax (SupCon, InfoNCE), proxy (ArcFace), registry (LOSSES, get_loss).
+
+Names are resolved on first use (PEP 562), so `models.losses.registry.LOSS_NAMES` can be read
+without importing Keras.
+"""
+from importlib import import_module
+
+_WHERE = {
+    "DISTANCES": "base", "BatchLoss": "base", "TemperatureLoss": "base", "triplet_accuracy": "base",
+    "TRIPLET_MININGS": "pair", "ContrastiveLoss": "pair", "ContrastiveSoftmaxLoss": "pair",
+    "MultiSimilarityLoss": "pair", "TripletLoss": "pair",
+    "ArcFaceLoss": "proxy",
+    "InfoNCELoss": "softmax", "SupConLoss": "softmax",
+    "LOSSES": "registry", "LOSS_NAMES": "registry", "get_loss": "registry",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'models.losses' has no attribute {name!r}")
+    return getattr(import_module(f"models.losses.{_WHERE[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger("embedlab.distribute")
 
@@ -143,7 +143,8 @@ def agree_on_resume(strategy, done: bool, latest: int, before_latest: int,
 
     Each worker passes what its own folder holds: whether its training is published, the
     latest committed backup epoch and the one before it (0 = none; pipeline/checkpoints.py
-    keeps two), and whether the backed-up fit had ended. Outside a multi-worker cluster the local view is the decision. Inside one,
+    keeps two), and whether the backed-up fit had ended. Outside a multi-worker cluster the local
+    view is the decision. Inside one,
     a worker that disagrees would skip a different number of batches, run a different
     number of steps and hang the collectives, so the views are all-gathered first.
     """
@@ -160,7 +161,7 @@ def agree_on_resume(strategy, done: bool, latest: int, before_latest: int,
     if decision[:2] != (done, latest):
         log.warning("phase 3: the workers' saved states differ (%s as [done, latest, before latest, fit "
                     "finished, chief]); all %s",
-                    views, "resume after epoch %d" % decision[1] if decision[1] else "start from the beginning")
+                    views, f"resume after epoch {decision[1]}" if decision[1] else "start from the beginning")
     return decision
 
 
@@ -186,7 +187,7 @@ def _is_multi_worker(strategy) -> bool:
     return sum(len(tasks) for job, tasks in cluster.items() if job in ("chief", "worker")) > 1
 
 
-def distribute_global_batches(strategy, make_rows: Callable[[int, int], "object"], global_batch_size: int):
+def distribute_global_batches(strategy, make_rows: Callable[[int, int], object], global_batch_size: int):
     """The dataset Keras should fit on.
 
     `make_rows(first, count)` returns a tf.data.Dataset whose elements are rows

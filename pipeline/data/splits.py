@@ -33,7 +33,7 @@ from __future__ import annotations
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
 
 from pipeline.data.schema import SPLITS
 

@@ -6,7 +6,9 @@ with `deterministic=True`) so that row i of an embedding matrix is always the sa
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from pipeline.data import schema
@@ -14,6 +16,8 @@ from pipeline.data import schema
 AUTOTUNE = tf.data.AUTOTUNE
 # Everything but the image bytes: what phase 1 stores next to each embedding.
 METADATA_KEYS = ("id", "label", "label_name", "path", "text", "group")
+# The splits training can use: "train" to learn from, "val" to validate on (when usable).
+TRAINING_SPLITS = ("train", "val")
 
 
 def list_shards(dataset_dir: str | Path, split: str) -> list[Path]:
@@ -91,3 +95,34 @@ def load_images(shards: list[Path], wanted_ids: set[str], size: int = 96) -> dic
         if len(found) == len(wanted_ids):
             break
     return found
+
+
+def read_records(dataset_dir: Path, splits: Sequence[str] = TRAINING_SPLITS):
+    """(items DataFrame with split/id/label/group, encoded image bytes as an object array), in record order."""
+    import pandas as pd
+
+    from pipeline.core.errors import PhaseInputError
+
+    columns: dict[str, list] = {"split": [], "id": [], "label": [], "group": []}
+    encoded: list[bytes] = []
+    for split in splits:
+        shards = list_shards(dataset_dir, split)
+        if not shards:
+            continue
+        ds = tf.data.TFRecordDataset([str(p) for p in shards]).batch(1024).map(schema.parse)
+        for batch in ds.as_numpy_iterator():
+            encoded.extend(batch["image"].tolist())
+            columns["id"].extend(v.decode("utf-8") for v in batch["id"])
+            columns["label"].extend(int(v) for v in batch["label"])
+            columns["group"].extend(v.decode("utf-8") for v in batch["group"])
+            columns["split"].extend([split] * len(batch["id"]))
+    if not encoded:
+        raise PhaseInputError(f"no TFRecords for splits {list(splits)} in {dataset_dir}: run phase0 first")
+    return pd.DataFrame(columns), np.array(encoded, dtype=object)
+
+
+def plain_images(encoded: np.ndarray, image_size: int, batch_size: int = 64):
+    """Decoded, resized, unaugmented images in the given order (validation)."""
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(encoded.astype(object).tolist(), dtype=tf.string))
+    ds = ds.map(lambda b: decode_and_resize(b, image_size), num_parallel_calls=AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(AUTOTUNE)

@@ -10,23 +10,26 @@ and the HTML report `reports/<run>/index.html` over all backbones.
 The three variants: unit vectors ranked by cosine similarity and by euclidean
 distance (which must agree: ||a-b||² = 2 - 2·cos(a, b) on the unit sphere), and the
 raw pooled features ranked by euclidean distance, where norms matter.
+
+This module reads the artifacts, calls the libraries (pipeline/vectors for the numbers,
+pipeline/reporting for pictures, sentences and the page) and writes the results.
 """
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.core import atomic
 from pipeline.config import EvaluateConfig, RunConfig
-from pipeline.phases.extract import load_dataset_meta
+from pipeline.core import atomic
+from pipeline.core.artifacts import evaluation_fingerprint, is_current, load_dataset_meta, load_embeddings
 from pipeline.core.errors import PhaseInputError
-from pipeline.core.run_dir import RunDir, backbone_tag, fingerprint_of
+from pipeline.core.run_dir import RunDir, backbone_tag
+
+__all__ = ["VARIANTS", "evaluate_backbone", "load_embeddings", "evaluation_fingerprint", "run_evaluate"]
 
 log = logging.getLogger("embedlab.evaluate")
 
@@ -36,10 +39,11 @@ VARIANTS = {
     "unit/euclidean": ("unit", "euclidean"),
     "raw/euclidean": ("raw", "euclidean"),
 }
-GRID_VARIANTS = {"unit/cosine": "cosine (unit vectors)", "raw/euclidean": "euclidean (raw pooled features)"}
 
 
 def run_evaluate(config: RunConfig, force: bool = False, command: str = "") -> Path:
+    from pipeline.reporting.dataset_view import dataset_context
+    from pipeline.reporting.figures import report_section
     from pipeline.reporting.plots import plot_metric_bars
     from pipeline.reporting.report import render_report
 
@@ -49,9 +53,9 @@ def run_evaluate(config: RunConfig, force: bool = False, command: str = "") -> P
     sections = []
     for backbone in config.extract.backbones:
         tag = backbone_tag(backbone)
-        eval_dir = evaluate_backbone(run_dir, tag, config.evaluate, force=force)
+        eval_dir = evaluate_backbone(run_dir, tag, config.evaluate, force=force, dataset_meta=dataset_meta)
         metrics = atomic.read_json(eval_dir / "metrics.json")
-        sections.append(_report_section(tag, eval_dir, metrics, report_dir))
+        sections.append(report_section(tag, eval_dir, metrics, report_dir))
 
     comparison_plot = None
     if len(sections) > 1:
@@ -65,7 +69,7 @@ def run_evaluate(config: RunConfig, force: bool = False, command: str = "") -> P
         "run": config.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "dataset": dataset_meta,
+        "dataset": dataset_context(run_dir.dataset_dir, dataset_meta, report_dir),
         "comparison_plot": comparison_plot,
         "backbones": sections,
         "definitions": True,
@@ -73,53 +77,19 @@ def run_evaluate(config: RunConfig, force: bool = False, command: str = "") -> P
     return Path(render_report(report_dir, context))
 
 
-def _report_section(tag: str, eval_dir: Path, metrics: dict, report_dir: Path) -> dict:
-    """Copy a backbone's plots next to the report and point the template at them."""
-    img_dir = report_dir / "img" / tag
-    img_dir.mkdir(parents=True, exist_ok=True)
-
-    def copy(name: str | None) -> str | None:
-        if not name or not (eval_dir / "plots" / name).is_file():
-            return None
-        shutil.copy2(eval_dir / "plots" / name, img_dir / name)
-        return f"img/{tag}/{name}"
-
-    plots = {key: copy(name) for key, name in metrics.get("plots", {}).items()}
-    grids = [{"title": g["title"], "path": copy(g["file"])} for g in metrics.get("grids", [])]
-    return {"tag": tag, "metrics": metrics, "plots": plots, "grids": [g for g in grids if g["path"]]}
-
-
-
-def load_embeddings(emb_dir: Path):
-    import pandas as pd
-
-    if not (emb_dir / "meta.json").is_file():
-        raise PhaseInputError(f"no finished phase-1 output in {emb_dir}: run `python run.py phase1` first")
-    items = pd.read_csv(emb_dir / "items.csv", keep_default_na=False,
-                        dtype={"id": str, "split": str, "label_name": str, "path": str, "text": str, "group": str})
-    unit = np.load(emb_dir / "embeddings.npy").astype(np.float32, copy=False)
-    raw = np.load(emb_dir / "features_raw.npy").astype(np.float32, copy=False)
-    if not (len(items) == len(unit) == len(raw)):
-        raise PhaseInputError(f"{emb_dir}: items.csv, embeddings.npy and features_raw.npy disagree in length")
-    return items, unit, raw, atomic.read_json(emb_dir / "meta.json")
-
-
-def evaluation_fingerprint(emb_meta: dict, settings: EvaluateConfig) -> str:
-    """What a metrics.json was computed from: these embeddings, under these settings."""
-    return fingerprint_of({"embeddings": emb_meta.get("fingerprint"), "created": emb_meta.get("created"),
-                           "settings": asdict(settings)})
-
-
-def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force: bool = False) -> Path:
+def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force: bool = False,
+                      dataset_meta: dict | None = None) -> Path:
+    from pipeline.reporting.figures import make_evaluation_plots, start_projections
+    from pipeline.reporting.readings import scoring_note
     from pipeline.vectors.diagnostics import clustering_scores, embedding_diagnostics
     from pipeline.vectors.retrieval import retrieve
 
     emb_dir = run_dir.embeddings_dir(tag)
-    items, unit, raw, emb_meta = load_embeddings(emb_dir)
+    items, unit, raw, emb_meta = load_embeddings(emb_dir, dataset_meta, run_dir.config.name)
     out = run_dir.eval_dir(tag)
     fingerprint = evaluation_fingerprint(emb_meta, settings)
     metrics_path = out / "metrics.json"
-    if not force and metrics_path.is_file() and atomic.read_json(metrics_path).get("fingerprint") == fingerprint:
+    if not force and is_current(metrics_path, fingerprint):
         log.info("phase 2: %s is up to date (use --force to redo)", out)
         return out
 
@@ -137,13 +107,9 @@ def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force
     labels = items["label"].to_numpy()
     arrays = {"unit": unit, "raw": raw}
 
-    from pipeline.vectors.projections import BackgroundProjections, stratified_sample
-
     timings = {}
     started = time.perf_counter()
-    projection_rows = query_rows[stratified_sample(labels[query_rows], settings.projection_sample, seed=settings.seed)]
-    projections = BackgroundProjections(unit[projection_rows], settings.projections if len(projection_rows) >= 5
-                                        else [], seed=settings.seed)
+    projection_rows, projections, plot_notes = start_projections(unit, labels, query_rows, settings)
     results = {}
     for variant, (which, metric) in VARIANTS.items():
         x = arrays[which]
@@ -154,6 +120,8 @@ def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force
     timings["retrieval"] = time.perf_counter() - started
     same = np.all(results["unit/cosine"].neighbours == results["unit/euclidean"].neighbours, axis=1)
     topk_agreement = float(same.mean())
+    note = scoring_note(labels[query_rows], labels[gallery_rows], results["unit/cosine"].per_query["n_relevant"],
+                        bool((exclude >= 0).any()), settings.query_split)
 
     started = time.perf_counter()
     diagnostics = {
@@ -171,8 +139,10 @@ def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force
     _write_neighbours(out, items, query_rows, gallery_rows, results)
 
     started = time.perf_counter()
-    plots, grids = _make_plots(out / "plots", run_dir, items, unit, raw, query_rows, gallery_rows, results,
-                               diagnostics, settings, tag, projection_rows, projections.result())
+    plots, grids, drawing_notes = make_evaluation_plots(
+        out / "plots", run_dir.dataset_dir, items, unit, raw, query_rows, gallery_rows, results, diagnostics,
+        settings, tag, projection_rows, projections.result())
+    plot_notes += drawing_notes
     timings["plots"] = time.perf_counter() - started
 
     class_names = dict(zip(items["label"], items["label_name"]))
@@ -199,6 +169,8 @@ def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force
             "gallery_size": int(len(gallery_rows)), "k": settings.k,
         },
         "retrieval": {variant: r.metrics for variant, r in results.items()},
+        # Why there is nothing to score, or why the scores are trivial (None when they mean something).
+        "scoring_note": note,
         "rankings_identical_unit": topk_agreement >= 0.999,
         "topk_agreement_unit": topk_agreement,
         "clustering": clustering,
@@ -206,14 +178,20 @@ def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force
         "per_class": per_class,
         "plots": plots,
         "grids": grids,
+        "plot_notes": plot_notes,
         "timings_s": timings,
         "fingerprint": fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     atomic.write_json(metrics_path, metrics)
     row = metrics["retrieval"]["unit/cosine"]
-    log.info("phase 2: %s cosine P@1 %.3f  MAP@R %.3f  mAP %.3f (%d queries)", tag, row["P@1"], row["MAP@R"],
-             row["mAP"], row["n_queries_evaluated"])
+    if row["n_queries_evaluated"] == 0:
+        log.warning("phase 2: %s: %s (%d queries)", tag, note, len(query_rows))
+    else:
+        if note:
+            log.warning("phase 2: %s: %s", tag, note)
+        log.info("phase 2: %s cosine P@1 %.3f  MAP@R %.3f  mAP %.3f (%d queries)", tag, row["P@1"], row["MAP@R"],
+                 row["mAP"], row["n_queries_evaluated"])
     return out
 
 
@@ -245,84 +223,3 @@ def _write_neighbours(out: Path, items, query_rows, gallery_rows, results) -> No
     with atomic.atomic_open(out / "neighbours.csv", "w", encoding="utf-8", newline="") as f:
         table.to_csv(f, index=False, float_format="%.6f")
     atomic.write_json(out / "neighbours.json", records, indent=None)
-
-
-def _make_plots(plot_dir: Path, run_dir: RunDir, items, unit, raw, query_rows, gallery_rows, results,
-                diagnostics, settings: EvaluateConfig, tag: str, projection_rows, projections: dict):
-    from pipeline.reporting import plots as P
-    from pipeline.data.tfrecords import list_shards, load_images
-    from pipeline.vectors.projections import stratified_sample
-
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    labels = items["label"].to_numpy()
-    class_names = [name for _, name in sorted(dict(zip(items["label"], items["label_name"])).items())]
-    label_index = {label: i for i, label in enumerate(sorted(set(items["label"])))}
-    q_labels = np.array([label_index[v] for v in labels[query_rows]])
-    made: dict[str, str] = {}
-
-    for name, value in list(projections.items()):
-        if isinstance(value, str):
-            log.warning("phase 2: %s projection skipped: %s", name, value)
-            del projections[name]
-    if projections:
-        p_labels = np.array([label_index[v] for v in labels[projection_rows]])
-        P.plot_projections_grid(projections, p_labels, class_names,
-                                f"{tag}: test embeddings ({len(projection_rows)} points)", plot_dir / "projections.png")
-        made["projections"] = "projections.png"
-    heat = stratified_sample(q_labels, settings.heatmap_sample, seed=settings.seed)
-    P.plot_similarity_heatmap(unit[query_rows][heat], q_labels[heat], class_names, plot_dir / "heatmap.png",
-                              f"{tag}: cosine similarity, sorted by class")
-    made["heatmap"] = "heatmap.png"
-    P.plot_pca_variance(diagnostics["unit"]["pca_explained_variance_ratio"], plot_dir / "pca_variance.png",
-                        f"{tag}: PCA explained variance (unit vectors)")
-    made["pca_variance"] = "pca_variance.png"
-    P.plot_norm_histogram(np.linalg.norm(raw[gallery_rows], axis=1), plot_dir / "norms.png",
-                          f"{tag}: norms of raw pooled features")
-    made["norms"] = "norms.png"
-    P.plot_k_occurrence(results["unit/cosine"].k_occurrence, plot_dir / "k_occurrence.png",
-                        f"{tag}: k-occurrence (k={settings.k}), cosine")
-    made["k_occurrence"] = "k_occurrence.png"
-
-    grids = []
-    if settings.grid_queries > 0:
-        rng = np.random.default_rng(settings.seed)
-        # One query per class first, so the grid shows the variety of the dataset.
-        by_class = {}
-        for i in rng.permutation(len(query_rows)):
-            by_class.setdefault(q_labels[i], i)
-        chosen = list(by_class.values())[: settings.grid_queries]
-        wanted = {items["id"].iat[query_rows[i]] for i in chosen}
-        for variant in GRID_VARIANTS:
-            for n in results[variant].neighbours[chosen].reshape(-1):
-                if n >= 0:
-                    wanted.add(items["id"].iat[gallery_rows[n]])
-        splits = sorted(set([settings.query_split, *settings.gallery_splits]))
-        shards = [s for split in splits for s in list_shards(run_dir.dataset_dir, split)]
-        images = load_images(shards, wanted)
-        ids = items["id"].to_numpy()
-        names = items["label_name"].to_numpy()
-        for variant, title in GRID_VARIANTS.items():
-            result = results[variant]
-            q_images, q_names, n_images, n_names, n_scores, correct = [], [], [], [], [], []
-            for i in chosen:
-                q = query_rows[i]
-                q_images.append(images.get(ids[q]))
-                q_names.append(names[q])
-                row_images, row_names, row_scores, row_ok = [], [], [], []
-                for n, score in zip(result.neighbours[i], result.neighbour_scores[i]):
-                    if n < 0:
-                        row_images.append(None), row_names.append(None), row_scores.append(None), row_ok.append(None)
-                        continue
-                    g = gallery_rows[n]
-                    row_images.append(images.get(ids[g]))
-                    row_names.append(names[g])
-                    row_scores.append(float(score))
-                    row_ok.append(bool(labels[g] == labels[q]))
-                n_images.append(row_images), n_names.append(row_names)
-                n_scores.append(row_scores), correct.append(row_ok)
-            file = f"grid_{variant.replace('/', '_')}.png"
-            P.plot_neighbour_grid(q_images, q_names, n_images, n_names, n_scores, correct, plot_dir / file,
-                                  f"{tag}: top-{settings.k} neighbours, {title}",
-                                  "cosine" if variant.endswith("cosine") else "distance")
-            grids.append({"title": title, "file": file})
-    return made, grids

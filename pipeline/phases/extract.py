@@ -1,6 +1,6 @@
 """Phase 1: run each pretrained backbone over the TFRecords and store its embeddings.
 
-Per backbone, in `runs/<run>/embeddings/<tag>/`:
+Per backbone, in `runs/<run>/embeddings/<tag>/` (formats in pipeline/core/artifacts.py):
     embeddings.npy     unit (L2-normalised) vectors, row i = items.csv row i
     features_raw.npy   the pooled features before normalisation (phase 2 compares them)
     items.csv          row, id, split, label, label_name, path, text, group
@@ -13,7 +13,6 @@ resumes at the first unfinished shard; parts are only assembled when all exist.
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -23,23 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.errors import PhaseInputError
-from pipeline.core import atomic
 from pipeline.config import BackboneConfig, ExtractConfig, RunConfig
-from pipeline.core.run_dir import RunDir, backbone_tag, fingerprint_of
+from pipeline.core import atomic
+from pipeline.core.artifacts import (
+    dataset_label, extraction_fingerprint, is_current, load_dataset_meta, write_embedding_artifacts,
+)
+from pipeline.core.errors import PhaseInputError
+from pipeline.core.run_dir import RunDir, backbone_tag
 from pipeline.vectors.normalize import l2_normalize
 
 log = logging.getLogger("embedlab.extract")
-
-
-
-
-def load_dataset_meta(run_dir: RunDir) -> dict:
-    path = run_dir.dataset_dir / "dataset.json"
-    if not path.is_file():
-        raise PhaseInputError(
-            f"no phase-0 output at {run_dir.dataset_dir} (dataset.json missing): run `python run.py phase0` first")
-    return atomic.read_json(path)
 
 
 def run_extract(config: RunConfig, force: bool = False) -> list[Path]:
@@ -70,16 +62,23 @@ def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConf
 
     tag = backbone_tag(backbone)
     out = run_dir.embeddings_dir(tag)
-    fingerprint = fingerprint_of({
-        "dataset": dataset_meta.get("fingerprint"), "backbone": asdict(backbone), "splits": settings.splits,
-        "dtype": settings.dtype, "index": settings.index, "json": settings.write_json,
-    })
+    dataset = dataset_label(run_dir, dataset_meta)
+    fingerprint = extraction_fingerprint(dataset_meta, backbone, settings)
     meta_path = out / "meta.json"
-    if not force and meta_path.is_file():
-        meta = atomic.read_json(meta_path)
-        if meta.get("fingerprint") == fingerprint and not _fallback_now_avoidable(meta, backbone):
-            log.info("phase 1: %s is up to date (use --force to redo)", out)
-            return out
+    if not force and is_current(meta_path, fingerprint) and \
+            not _fallback_now_avoidable(atomic.read_json(meta_path), backbone):
+        log.info("phase 1: %s is up to date for %s (use --force to redo)", out, dataset)
+        return out
+    meta_path.unlink(missing_ok=True)  # the old result no longer describes what is on disk
+
+    shards = [(split, shard) for split in settings.splits for shard in list_shards(run_dir.dataset_dir, split)]
+    if not shards:
+        raise PhaseInputError(f"no TFRecord shards for splits {settings.splits} in {run_dir.dataset_dir}")
+
+    # Built before any folder is made, so that a failure here (weights that cannot be
+    # downloaded, say) leaves nothing behind.
+    with strategy.scope():
+        extractor = build_feature_extractor(**backbone.extractor_options())
 
     parts_dir = out / "parts"
     stamp = parts_dir / "fingerprint.txt"
@@ -87,53 +86,53 @@ def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConf
         shutil.rmtree(parts_dir, ignore_errors=True)
     parts_dir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(stamp, fingerprint)
-    meta_path.unlink(missing_ok=True)  # the old result no longer describes what is on disk
 
-    shards = [(split, shard) for split in settings.splits for shard in list_shards(run_dir.dataset_dir, split)]
-    if not shards:
-        raise PhaseInputError(f"no TFRecord shards for splits {settings.splits} in {run_dir.dataset_dir}")
-
-    with strategy.scope():
-        extractor = build_feature_extractor(
-            backbone.name, weights=backbone.weights, image_size=backbone.image_size,
-            alpha=backbone.alpha, weights_fallback=backbone.weights_fallback)
-    log.info("phase 1: %s (%s weights, %d px, %d-d) over %d shard(s)", tag, extractor.weights_loaded,
-             extractor.image_size, extractor.dim, len(shards))
+    finished = sum((parts_dir / f"{shard.stem}.npz").is_file() for _, shard in shards)
+    if finished:
+        log.info("phase 1: resuming %s: %d of %d shards done", tag, finished, len(shards))
+    log.info("phase 1: %s (%s weights, %d px, %d-d) over %d shard(s) of %s", tag, extractor.weights_loaded,
+             extractor.image_size, extractor.dim, len(shards), dataset)
 
     totals = dataset_meta.get("totals", {})
     total = sum(int(totals.get(split, 0)) for split in settings.splits) or None
     bar = tqdm(total=total, desc=f"extract {tag}", unit="img", dynamic_ncols=True)
     predict_seconds, predicted = 0.0, 0
-    for split, shard in shards:
-        part = parts_dir / f"{shard.stem}.npz"
-        if part.is_file():
-            with np.load(part) as done:
-                bar.update(len(done["pooled"]))
-            continue
-        metadata = read_metadata([shard])
-        started = time.perf_counter()
-        n = len(metadata["id"])
-        batches = image_dataset([shard], extractor.image_size, settings.batch_size).apply(
-            tf.data.experimental.assert_cardinality(-(-n // settings.batch_size)))
-        outputs = extractor.model.predict(
-            batches, verbose=0, callbacks=[_ProgressCallback(bar, n, settings.batch_size)])
-        predict_seconds += time.perf_counter() - started
-        pooled = np.asarray(outputs["pooled"], dtype=np.float32)
-        if len(pooled) != len(metadata["id"]):
-            raise RuntimeError(f"{shard}: {len(pooled)} embeddings for {len(metadata['id'])} records")
-        if not np.isfinite(pooled).all():
-            raise RuntimeError(f"{shard}: the backbone produced non-finite features")
-        predicted += len(pooled)
-        with atomic.atomic_open(part, "wb") as f:
-            np.savez(f, pooled=pooled, split=np.array([split] * len(pooled)),
-                     **{k: np.array(v) for k, v in metadata.items()})
-    bar.close()
+    try:
+        for split, shard in shards:
+            part = parts_dir / f"{shard.stem}.npz"
+            if part.is_file():
+                with np.load(part) as done:
+                    bar.update(len(done["pooled"]))
+                continue
+            metadata = read_metadata([shard])
+            started = time.perf_counter()
+            n = len(metadata["id"])
+            batches = image_dataset([shard], extractor.image_size, settings.batch_size).apply(
+                tf.data.experimental.assert_cardinality(-(-n // settings.batch_size)))
+            outputs = extractor.model.predict(
+                batches, verbose=0, callbacks=[_ProgressCallback(bar, n, settings.batch_size)])
+            predict_seconds += time.perf_counter() - started
+            pooled = np.asarray(outputs["pooled"], dtype=np.float32)
+            if len(pooled) != len(metadata["id"]):
+                raise RuntimeError(f"{shard}: {len(pooled)} embeddings for {len(metadata['id'])} records")
+            if not np.isfinite(pooled).all():
+                raise RuntimeError(f"{shard}: the backbone produced non-finite features")
+            predicted += len(pooled)
+            with atomic.atomic_open(part, "wb") as f:
+                np.savez(f, pooled=pooled, split=np.array([split] * len(pooled)),
+                         **{k: np.array(v) for k, v in metadata.items()})
+    except BaseException:
+        _remove_if_nothing_done(out, parts_dir)
+        raise
+    finally:
+        bar.close()
 
     _assemble(out, parts_dir, [shard for _, shard in shards], settings)
     counts = {split: sum(1 for s, _ in shards if s == split) for split in settings.splits}
     items = np.load(out / "embeddings.npy", mmap_mode="r").shape[0]
     atomic.write_json(meta_path, {
         "tag": tag, "backbone": asdict(backbone), "weights_loaded": extractor.weights_loaded,
+        "init_seed": extractor.init_seed,
         "image_size": extractor.image_size, "dim": extractor.dim, "n_items": int(items),
         "shards_per_split": counts, "dtype": settings.dtype, "index": settings.index,
         "throughput_img_s": (predicted / predict_seconds) if predicted else None,
@@ -143,22 +142,28 @@ def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConf
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
     shutil.rmtree(parts_dir, ignore_errors=True)
-    log.info("phase 1: wrote %s (%d items%s)", out, items,
+    log.info("phase 1: wrote %s (%d items of %s%s)", out, items, dataset,
              f", {predicted / predict_seconds:.1f} img/s" if predicted else "")
     return out
+
+
+def _remove_if_nothing_done(out: Path, parts_dir: Path) -> None:
+    """A failed extraction that finished no shard leaves no empty parts/ (nor an empty out/) behind."""
+    if parts_dir.is_dir() and not any(parts_dir.glob("*.npz")):
+        shutil.rmtree(parts_dir, ignore_errors=True)
+        try:
+            out.rmdir()  # only when empty: a finished earlier result stays
+        except OSError:
+            pass
 
 
 def _fallback_now_avoidable(meta: dict, backbone: BackboneConfig) -> bool:
     """A random-weights fallback is stale once the ImageNet weights have reached the Keras cache."""
     if not str(meta.get("weights_loaded", "")).startswith("random ("):
         return False
-    from models.backbones import get_spec, keras_cache_dirs
+    from models.backbones import get_spec
 
-    try:
-        fname = get_spec(backbone.name).imagenet_weights(backbone.alpha).fname
-    except Exception:
-        return False
-    return any((folder / fname).is_file() for folder in keras_cache_dirs())
+    return get_spec(backbone.name).trunk.pretrained_cached(backbone.resolved_params())
 
 
 class _ProgressCallback:
@@ -191,32 +196,3 @@ def _assemble(out: Path, parts_dir: Path, shards: list[Path], settings: ExtractC
     raw = np.concatenate(pooled).astype(np.float32)
     items = pd.DataFrame({"row": np.arange(len(raw)), **columns})
     write_embedding_artifacts(out, items, raw, l2_normalize(raw), settings)
-
-
-def write_embedding_artifacts(out: Path, items, raw: np.ndarray, unit: np.ndarray, settings: ExtractConfig) -> None:
-    """The files every embedding directory holds (phase 1, and phase 4 for trained models)."""
-    from pipeline.vectors.index import build_index, save_index
-
-    dtype = np.float16 if settings.dtype == "float16" else np.float32
-    with atomic.atomic_open(out / "items.csv", "w", encoding="utf-8", newline="") as f:
-        items.to_csv(f, index=False)
-    atomic.save_npy(out / "embeddings.npy", unit.astype(dtype))
-    atomic.save_npy(out / "features_raw.npy", raw.astype(dtype))
-    save_index(build_index(unit, settings.index), out / "index.faiss")
-    if settings.write_json:
-        _write_embeddings_json(out / "embeddings.json", items, unit)
-
-
-def _write_embeddings_json(path: Path, items, unit: np.ndarray, chunk: int = 2048) -> None:
-    """Stream the JSON array so memory stays flat however many items there are."""
-    records = items[["id", "label", "label_name", "split", "path"]].to_dict("records")
-    with atomic.atomic_open(path, "w", encoding="utf-8") as f:
-        f.write("[\n")
-        for start in range(0, len(unit), chunk):
-            vectors = np.round(unit[start:start + chunk].astype(np.float64), 6).tolist()
-            lines = []
-            for record, vector in zip(records[start:start + chunk], vectors):
-                lines.append(json.dumps({**record, "label": int(record["label"]), "vector": vector}))
-            f.write(",\n".join(lines))
-            f.write(",\n" if start + chunk < len(unit) else "\n")
-        f.write("]\n")

@@ -17,25 +17,17 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from pipeline.core import atomic
 from pipeline.config import RunConfig
-from pipeline.phases.evaluate import evaluate_backbone, load_embeddings
-from pipeline.phases.extract import write_embedding_artifacts
+from pipeline.core import atomic
+from pipeline.core.artifacts import (  # noqa: F401  (trained_tag, trained_embeddings_fingerprint: older imports)
+    is_current, load_dataset_meta, load_embeddings, trained_embeddings_fingerprint, trained_tag,
+    write_embedding_artifacts,
+)
 from pipeline.core.errors import PhaseInputError
 from pipeline.core.run_dir import RunDir, backbone_tag
+from pipeline.phases.evaluate import evaluate_backbone
 
 log = logging.getLogger("embedlab.reevaluate")
-
-
-def trained_embeddings_fingerprint(training: dict, extract) -> str:
-    """What phase-4 embeddings were computed from: this training (its settings and the
-    moment it finished, so a forced retrain under the same settings counts as new) and
-    these storage settings."""
-    return f"{training.get('fingerprint')}-{training.get('created')}-{extract.dtype}-{extract.index}"
-
-
-def trained_tag(tag: str, loss: str) -> str:
-    return f"{tag}+{loss}"
 
 
 def head_embeddings(head, raw: np.ndarray, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -96,6 +88,7 @@ def run_reevaluate(config: RunConfig, force: bool = False) -> list[str]:
     finetuned = config.train.mode == "finetune"
     model_file = "embedding_model.keras" if finetuned else "head.keras"
     run_dir = RunDir(config)
+    dataset_meta = None  # read once a trained model is found: a missing model is the first thing to say
     tags = []
     for backbone in config.extract.backbones:
         tag = backbone_tag(backbone)
@@ -104,12 +97,13 @@ def run_reevaluate(config: RunConfig, force: bool = False) -> list[str]:
             if not (source / "training.json").is_file() or not (source / model_file).is_file():
                 raise PhaseInputError(f"no trained model in {source}: run `python run.py phase3` first")
             new_tag = trained_tag(tag, loss)
+            dataset_meta = dataset_meta or load_dataset_meta(run_dir)
             training = atomic.read_json(source / "training.json")
             out = run_dir.embeddings_dir(new_tag)
             meta_path = out / "meta.json"
             fingerprint = trained_embeddings_fingerprint(training, config.extract)
-            if force or not meta_path.is_file() or atomic.read_json(meta_path).get("fingerprint") != fingerprint:
-                items, _, raw, base_meta = load_embeddings(run_dir.embeddings_dir(tag))
+            if force or not is_current(meta_path, fingerprint):
+                items, _, raw, base_meta = load_embeddings(run_dir.embeddings_dir(tag), dataset_meta, config.name)
                 if finetuned:
                     if training.get("mode") != "finetune":
                         raise PhaseInputError(f"{source} holds a head-mode model; run phase3 --mode finetune")
@@ -129,6 +123,6 @@ def run_reevaluate(config: RunConfig, force: bool = False) -> list[str]:
                     "fingerprint": fingerprint, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 })
                 log.info("phase 4: wrote %s (%d × %d)", out, *unit.shape)
-            evaluate_backbone(run_dir, new_tag, config.evaluate, force=force)
+            evaluate_backbone(run_dir, new_tag, config.evaluate, force=force, dataset_meta=dataset_meta)
             tags.append(new_tag)
     return tags

@@ -1,54 +1,35 @@
-"""Pictures of an embedding space for the phase-2 report.
+"""Pictures of an embedding space for the reports (the neighbour grid is in neighbour_grid.py).
 
-Every function renders one PNG, writes it atomically (temporary sibling, then
-os.replace, via pipeline.core.atomic) and returns its path, so a report never links
-to a half-written image.
+Every function renders one PNG, writes it atomically (canvas.save_figure: temporary
+sibling, then os.replace) and returns its path, so a report never links to a
+half-written image.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
-# Headless: the pipeline runs on servers and in CI where no display exists, and
-# Agg must be chosen before pyplot is imported anywhere in the process.
-matplotlib.use("Agg")
+# canvas selects the headless Agg backend before anything of matplotlib draws.
+from pipeline.reporting.canvas import DIFFERENT, NEUTRAL
+from pipeline.reporting.canvas import new_figure as _new_figure
+from pipeline.reporting.canvas import save_figure as _save
+from pipeline.reporting.canvas import short as _short
 
-import numpy as np  # noqa: E402
-from matplotlib import colormaps  # noqa: E402
-from matplotlib.cm import ScalarMappable  # noqa: E402
-from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from pipeline.core.atomic import atomic_path  # noqa: E402
-
-DPI = 110
 MAX_LEGEND_CLASSES = 20
-NEUTRAL = "#6b7280"
-SAME = "#1a9850"
-DIFFERENT = "#d73027"
 
 _PANEL_NAMES = {"pca": "PCA", "tsne": "t-SNE", "t-sne": "t-SNE", "umap": "UMAP"}
 
 
 # --------------------------------------------------------------------------- helpers
-
-def _new_figure(width: float, height: float) -> Figure:
-    # A bare Figure (not pyplot.figure) is garbage-collected with its last
-    # reference, so a long evaluation drawing hundreds of plots does not leak.
-    return Figure(figsize=(width, height), layout="constrained", facecolor="white")
-
-
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, facecolor="white")
-    return path
-
 
 def _encode_labels(labels: Any, class_names: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
     """Integer class index per item plus the list of names those indices refer to."""
@@ -90,11 +71,6 @@ def _palette(n: int) -> list[tuple]:
         return [cmap(order[i]) for i in range(n)]
     cmap = colormaps["turbo"]
     return [cmap(v) for v in np.linspace(0.05, 0.95, n)]
-
-
-def _short(text: Any, width: int) -> str:
-    text = "—" if text is None else str(text)
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _marker_size(n: int) -> float:
@@ -348,139 +324,6 @@ def plot_k_occurrence(k_occurrence: Sequence[int], path: str | Path, title: str)
     return _save(fig, path)
 
 
-# --------------------------------------------------------------------------- neighbours
-
-_THUMB = 96
-
-
-def _to_rgb_uint8(image: Any) -> np.ndarray:
-    arr = np.asarray(image)
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim == 2:
-        arr = np.stack([arr] * 3, axis=-1)
-    if arr.ndim != 3:
-        raise ValueError(f"expected an HxWx3 image, got shape {arr.shape}")
-    arr = arr[..., :3]
-    if arr.dtype != np.uint8:
-        arr = arr.astype(np.float64)
-        if arr.size and np.nanmax(arr) <= 1.0:
-            arr = arr * 255.0
-        arr = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
-    return arr
-
-
-def _thumbnail(image: Any, size: int = _THUMB) -> np.ndarray:
-    """Fit the image inside size x size keeping its aspect ratio, padded with white."""
-    if image is None:
-        # An image that could not be loaded still gets its cell, so the row's
-        # labels and scores stay aligned with their ranks.
-        return np.full((size, size, 3), 230, dtype=np.uint8)
-    img = Image.fromarray(_to_rgb_uint8(image))
-    w, h = img.size
-    scale = size / max(w, h, 1)
-    new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    # Enlarging tiny images (28 px digits, 32 px CIFAR) with nearest keeps their
-    # pixels honest instead of inventing a blur; shrinking needs a real filter.
-    resample = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.LANCZOS
-    img = img.resize(new, resample)
-    canvas = Image.new("RGB", (size, size), (255, 255, 255))
-    canvas.paste(img, ((size - new[0]) // 2, (size - new[1]) // 2))
-    return np.asarray(canvas)
-
-
-def _frame(ax, colour: str, linestyle: str = "-", width: float = 3.5) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(True)
-        spine.set_color(colour)
-        spine.set_linewidth(width)
-        spine.set_linestyle(linestyle)
-
-
-def _row(seq: Any, i: int) -> list:
-    if seq is None:
-        return []
-    try:
-        row = seq[i]
-    except (IndexError, KeyError, TypeError):
-        return []
-    return [] if row is None else list(row)
-
-
-def _at(row: list, j: int) -> Any:
-    return row[j] if j < len(row) else None
-
-
-def _format_score(score: Any) -> str:
-    try:
-        value = float(score)
-    except (TypeError, ValueError):
-        return "—"
-    return "—" if math.isnan(value) else f"{value:.3f}"
-
-
-def plot_neighbour_grid(query_images: Sequence[Any], query_labels: Sequence[Any],
-                        neighbour_images: Sequence[Sequence[Any]], neighbour_labels: Sequence[Sequence[Any]],
-                        neighbour_scores: Sequence[Sequence[float]], correct: Sequence[Sequence[bool]] | None,
-                        path: str | Path, title: str, score_name: str = "score") -> Path:
-    """One row per query: the query, then its top-k neighbours framed green (same class) or red."""
-    n_rows = len(query_images)
-    k = max([len(_row(neighbour_images, i)) for i in range(n_rows)] + [1])
-    fig = _new_figure(1.25 * (k + 1) + 0.3, 1.62 * max(n_rows, 1) + 0.6)
-    if n_rows == 0:
-        ax = fig.add_subplot()
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no queries", ha="center", va="center", transform=ax.transAxes)
-        fig.suptitle(title, fontsize=11)
-        return _save(fig, path)
-
-    # A narrow empty column separates the query from its neighbours.
-    grid = fig.add_gridspec(n_rows, k + 2, width_ratios=[1, 0.12] + [1] * k)
-    for i in range(n_rows):
-        q_label = _at(list(query_labels), i) if query_labels is not None else None
-        ax = fig.add_subplot(grid[i, 0])
-        ax.imshow(_thumbnail(query_images[i]))
-        if query_images[i] is None:
-            ax.text(0.5, 0.5, "no image", ha="center", va="center", fontsize=7, color=NEUTRAL,
-                    transform=ax.transAxes)
-        _frame(ax, NEUTRAL, width=2.5)
-        ax.set_xlabel(f"query\n{_short(q_label, 16)}", fontsize=7.5, color="#111111")
-        if i == 0:
-            ax.set_title("query", fontsize=8, color=NEUTRAL)
-
-        images = _row(neighbour_images, i)
-        labels = _row(neighbour_labels, i)
-        scores = _row(neighbour_scores, i)
-        flags = _row(correct, i)
-        for j in range(k):
-            image, label, score = _at(images, j), _at(labels, j), _at(scores, j)
-            if image is None and label is None and score is None:
-                continue
-            ax = fig.add_subplot(grid[i, j + 2])
-            ax.imshow(_thumbnail(image))
-            if image is None:
-                ax.text(0.5, 0.5, "no image", ha="center", va="center", fontsize=7, color=NEUTRAL,
-                        transform=ax.transAxes)
-            flag = _at(flags, j)
-            if flag is None and label is not None and q_label is not None:
-                flag = str(label) == str(q_label)
-            if flag is None:
-                colour, style = NEUTRAL, "-"
-            else:
-                # Dashed red as well as coloured, so the frames still read for
-                # red-green colour-blind viewers.
-                colour, style = (SAME, "-") if bool(flag) else (DIFFERENT, "--")
-            _frame(ax, colour, style)
-            ax.set_xlabel(f"{_short(label, 16)}\n{score_name} {_format_score(score)}",
-                          fontsize=7.5, color=colour if flag is not None else "#111111")
-            if i == 0:
-                ax.set_title(f"#{j + 1}", fontsize=8, color=NEUTRAL)
-    fig.suptitle(title, fontsize=11)
-    return _save(fig, path)
-
-
 # --------------------------------------------------------------------------- comparisons
 
 def _as_float(value: Any) -> float:
@@ -531,4 +374,34 @@ def plot_metric_bars(table: Mapping[str, Mapping[str, float]], metrics: Sequence
     ax.set_axisbelow(True)
     longest = max(len(str(r)) for r in rows)
     fig.legend(loc="outside lower center", ncols=min(len(rows), 2 if longest > 30 else 3), fontsize=8, frameon=False)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- training curves (phase 3)
+
+def plot_training_curves(history, path: str | Path, title: str, before: Mapping[str, float] | None = None,
+                         metrics: Sequence[str] = ("P@1", "MAP@R"), monitor: str = "val_MAP@R") -> Path:
+    """Training loss and the validation `metrics` per epoch (a DataFrame with `epoch`, `loss`,
+    `val_<metric>`); `before`: the untrained model's scores, drawn as a dotted line; the best
+    epoch by `monitor` is marked."""
+    epochs = history["epoch"].to_numpy() + 1
+    fig = _new_figure(10, 3.4)
+    panels = [("loss", "training loss")] + [(f"val_{name}", f"validation {name}") for name in metrics]
+    for ax, (column, label) in zip(fig.subplots(1, len(panels)), panels):
+        if column in history:
+            values = history[column].to_numpy(dtype=float)
+            ax.plot(epochs, values, marker="o", markersize=3)
+            metric = column.removeprefix("val_")
+            if before and column != "loss" and math.isfinite(before.get(metric, float("nan"))):
+                ax.axhline(before[metric], color=DIFFERENT, linestyle=":", linewidth=1, label="untrained head")
+            if column == monitor and np.isfinite(values).any():
+                best = int(np.nanargmax(values))
+                ax.axvline(epochs[best], color=NEUTRAL, linestyle="--", linewidth=1,
+                           label=f"best: epoch {epochs[best]}")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(loc="lower right", fontsize=8)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=11)
     return _save(fig, path)

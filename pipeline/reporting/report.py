@@ -1,9 +1,9 @@
 """The offline HTML report of phase 2: one page, inline CSS, pictures by relative path.
 
-`render_report` turns the evaluation context (see pipeline/evaluate.py) into a
+`render_report` turns the evaluation context (see pipeline/phases/evaluate.py) into a
 view model here, in Python, so the template only lays things out: every number
-is formatted, every "best" decided and every sentence written before Jinja sees
-it. Jinja autoescapes, so class names, tags and commands cannot inject markup.
+is formatted (formatting.py), every "best" decided (formatting.best_flags) and every
+sentence written (readings.py) before Jinja sees it.
 """
 from __future__ import annotations
 
@@ -11,20 +11,20 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 from urllib.parse import quote
 
-import jinja2
+from pipeline.reporting.dataset_view import dataset_view
+from pipeline.reporting.formatting import (DASH, best_flags, fmt, fmt_count, fmt_magnitude, fmt_seconds, get,
+                                           is_number, render_html, to_float)
+from pipeline.reporting.readings import diagnostics_reading, equivalence_text, small_sample_note, without_positive
 
-from pipeline.core.atomic import atomic_open
-
-TEMPLATE_DIR = Path(__file__).parent / "templates"
 TEMPLATE = "report.html.j2"
 
 KNOWN_VARIANTS = ("unit/cosine", "unit/euclidean", "raw/euclidean")
 RETRIEVAL_METRICS = ("P@1", "P@k", "R@k", "mAP", "MAP@R", "R-precision")
 CLUSTER_METRICS = ("NMI", "ARI")
-DASH = "—"
 
 PLOT_TITLES = {
     "projections": "2-D projections of a stratified sample of the queries",
@@ -93,51 +93,6 @@ DEFINITIONS = {
 }
 
 
-# --------------------------------------------------------------------------- formatting
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) or _numpy_number(value)
-
-
-def _numpy_number(value: Any) -> bool:
-    return type(value).__module__ == "numpy" and hasattr(value, "dtype") and getattr(value, "ndim", 1) == 0 \
-        and value.dtype.kind in "iuf"
-
-
-def _to_float(value: Any) -> float | None:
-    if not _is_number(value):
-        return None
-    value = float(value)
-    return None if math.isnan(value) else value
-
-
-def fmt(value: Any, digits: int = 3) -> str:
-    """Three decimals for floats, thousands separators for integers, a dash for NaN/None."""
-    if value is None:
-        return DASH
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if _is_number(value):
-        number = float(value)
-        if math.isnan(number) or math.isinf(number):
-            return DASH if math.isnan(number) else ("∞" if number > 0 else "−∞")
-        if isinstance(value, int) or (_numpy_number(value) and value.dtype.kind in "iu"):
-            return f"{int(value):,}"
-        return f"{number:.{digits}f}"
-    text = str(value)
-    return text if text else DASH
-
-
-def fmt_count(value: Any) -> str:
-    number = _to_float(value)
-    return DASH if number is None else f"{int(round(number)):,}"
-
-
-def _seconds(value: Any) -> str:
-    number = _to_float(value)
-    return DASH if number is None else f"{number:.1f} s"
-
-
 # --------------------------------------------------------------------------- paths
 
 def _image_src(path: Any, out_dir: Path) -> dict | None:
@@ -169,14 +124,6 @@ def _anchor(text: str, used: set[str]) -> str:
 
 # --------------------------------------------------------------------------- metrics
 
-def _get(mapping: Any, *keys: str, default: Any = None) -> Any:
-    for key in keys:
-        if not isinstance(mapping, Mapping) or key not in mapping:
-            return default
-        mapping = mapping[key]
-    return mapping
-
-
 def _metric(row: Mapping, name: str, k: Any) -> Any:
     """Read P@k/R@k whether the evaluation stored them as "P@k" or as "P@5"."""
     if name in row:
@@ -200,25 +147,20 @@ def _metric_columns(k: Any) -> list[dict]:
 
 
 def _metric_row(metrics: Mapping, variant: str, k: Any) -> dict[str, float | None]:
-    row = _get(metrics, "retrieval", variant, default={}) or {}
+    row = get(metrics, "retrieval", variant, default={}) or {}
     space = variant.split("/")[0]
-    cluster = _get(metrics, "clustering", space, default={}) or {}
-    values = {name: _to_float(_metric(row, name, k)) for name in RETRIEVAL_METRICS}
-    values.update({name: _to_float(cluster.get(name)) for name in CLUSTER_METRICS})
+    cluster = get(metrics, "clustering", space, default={}) or {}
+    values = {name: to_float(_metric(row, name, k)) for name in RETRIEVAL_METRICS}
+    values.update({name: to_float(cluster.get(name)) for name in CLUSTER_METRICS})
     return values
 
 
 def _mark_best(rows: list[dict], columns: list[dict]) -> None:
-    """Flag, per column, every cell that shows the best value (all metrics here: higher is better)."""
+    """Flag, per column, every cell that shows the best value (formatting.best_flags decides)."""
     for column in columns:
         key = column["key"]
-        shown = [round(r["values"][key], 3) for r in rows if r["values"].get(key) is not None]
-        # A column where every row shows the same number has no winner to point at.
-        best = max(shown) if len(set(shown)) > 1 else None
-        for r in rows:
-            value = r["values"].get(key)
-            r.setdefault("best", {})[key] = (len(rows) > 1 and best is not None and value is not None
-                                             and round(value, 3) == best)
+        for r, flag in zip(rows, best_flags([r["values"].get(key) for r in rows])):
+            r.setdefault("best", {})[key] = flag
 
 
 def _cells(row: dict, columns: list[dict]) -> list[dict]:
@@ -227,127 +169,20 @@ def _cells(row: dict, columns: list[dict]) -> list[dict]:
 
 
 def _table_k(backbones: Iterable[Mapping]) -> Any:
-    ks = {_get(b, "metrics", "protocol", "k") for b in backbones}
+    ks = {get(b, "metrics", "protocol", "k") for b in backbones}
     ks.discard(None)
     return ks.pop() if len(ks) == 1 else None
 
 
-# --------------------------------------------------------------------------- sentences
-
-def _delta_phrase(name: str, raw: float | None, unit: float | None) -> str | None:
-    if raw is None or unit is None:
-        return None
-    return f"{name} {fmt(raw)} raw vs {fmt(unit)} unit/cosine ({raw - unit:+.3f})"
-
-
-def _equivalence_text(metrics: Mapping) -> dict:
-    identical = metrics.get("rankings_identical_unit")
-    agreement = _to_float(metrics.get("topk_agreement_unit"))
-    rule = ("On L2-normalised vectors cosine similarity and Euclidean distance rank neighbours identically, "
-            "because ‖a − b‖² = 2 − 2·cos(a, b) when ‖a‖ = ‖b‖ = 1.")
-    if identical is True:
-        check = "This run confirmed it: unit/cosine and unit/euclidean returned the same top-k lists"
-        check += f" ({agreement:.1%} of queries identical)." if agreement is not None else "."
-        status = "ok"
-    elif identical is False:
-        check = ("This run did not confirm it: the unit/cosine and unit/euclidean top-k lists differed"
-                 + (f" ({agreement:.1%} of queries identical)" if agreement is not None else "")
-                 + ". Small differences come from ties and float rounding between near-equal scores; "
-                   "large ones mean the vectors were not unit length.")
-        status = "warn"
-    else:
-        check = "This run did not record whether the two rankings matched."
-        status = "unknown"
-
-    unit = _get(metrics, "retrieval", "unit/cosine", default={}) or {}
-    raw = _get(metrics, "retrieval", "raw/euclidean", default={}) or {}
-    parts = [p for p in (_delta_phrase("MAP@R", _to_float(raw.get("MAP@R")), _to_float(unit.get("MAP@R"))),
-                         _delta_phrase("P@1", _to_float(raw.get("P@1")), _to_float(unit.get("P@1"))))
-             if p]
-    if parts:
-        d = (_to_float(raw.get("MAP@R")) or 0.0) - (_to_float(unit.get("MAP@R")) or 0.0)
-        if abs(d) < 0.0005:
-            verdict = "the norms make no measurable difference here"
-        elif d < 0:
-            verdict = "normalising helps: the norms of the raw features add noise to the ranking"
-        else:
-            verdict = "the raw norms carry useful information here: normalising costs accuracy"
-        raw_text = ("The raw pooled features ranked by Euclidean distance are where the two differ, since their "
-                    "norms vary: " + "; ".join(parts) + f" — {verdict}.")
-    else:
-        raw_text = ("The raw pooled features ranked by Euclidean distance are where the two differ; this run "
-                    "has no raw/euclidean row to measure it.")
-    return {"rule": rule, "check": check, "status": status, "raw": raw_text}
-
-
-def diagnostics_reading(unit: Mapping | None, raw: Mapping | None) -> str:
-    """One plain-language sentence from the diagnostics numbers (unit vectors first, raw as fallback)."""
-    unit = unit or {}
-    raw = raw or {}
-
-    def pick(key: str) -> float | None:
-        value = _to_float(unit.get(key))
-        return value if value is not None else _to_float(raw.get(key))
-
-    parts = []
-    cos = pick("mean_pairwise_cosine")
-    if cos is not None:
-        if cos > 0.5:
-            parts.append(f"anisotropic: the vectors fill a narrow cone (mean pairwise cosine {cos:.2f}), so all "
-                         f"cosines are high")
-        elif cos >= 0.1:
-            parts.append(f"moderately concentrated directions (mean pairwise cosine {cos:.2f})")
-        elif cos > -0.1:
-            parts.append(f"spread out in all directions (mean pairwise cosine {cos:.2f})")
-        else:
-            parts.append(f"vectors point away from each other (mean pairwise cosine {cos:.2f})")
-
-    rank, dim = pick("effective_rank"), pick("dim")
-    if rank is not None and dim:
-        share = rank / dim
-        tail = (", few dimensions really used" if share < 0.25
-                else ", most dimensions used" if share > 0.6 else "")
-        parts.append(f"effective rank {rank:.0f} of {dim:.0f} dimensions ({share:.0%}){tail}")
-
-    ratio = pick("intra_inter_distance_ratio")
-    if ratio is not None:
-        if ratio < 0.8:
-            parts.append(f"clear class structure (intra/inter distance ratio {ratio:.2f})")
-        elif ratio < 0.95:
-            parts.append(f"weak class structure (intra/inter distance ratio {ratio:.2f})")
-        else:
-            parts.append(f"almost no class structure (intra/inter distance ratio {ratio:.2f})")
-
-    skew = pick("hubness_skew")
-    if skew is not None:
-        if skew > 1:
-            parts.append(f"strong hubness (skew {skew:.2f}): a few items crowd many neighbour lists")
-        elif skew > 0.5:
-            parts.append(f"moderate hubness (skew {skew:.2f})")
-        else:
-            parts.append(f"little hubness (skew {skew:.2f})")
-
-    norm_mean, norm_std = _to_float(_get(raw, "norm", "mean")), _to_float(_get(raw, "norm", "std"))
-    if norm_mean and norm_std is not None:
-        cv = norm_std / norm_mean
-        if cv > 0.2:
-            parts.append(f"raw norms vary a lot (std/mean {cv:.2f})")
-
-    if not parts:
-        return ""
-    sentence = "; ".join(parts) + "."
-    return sentence[0].upper() + sentence[1:]
-
-
 def _diagnostic_value(diag: Mapping, key: str, kind: str) -> str:
     if kind == "norm_mean":
-        mean, std = _get(diag, "norm", "mean"), _get(diag, "norm", "std")
-        return DASH if _to_float(mean) is None else f"{fmt(mean)} ± {fmt(std)}"
+        mean, std = get(diag, "norm", "mean"), get(diag, "norm", "std")
+        return DASH if to_float(mean) is None else f"{fmt_magnitude(mean)} ± {fmt_magnitude(std)}"
     if kind == "norm_range":
-        low, high = _get(diag, "norm", "min"), _get(diag, "norm", "max")
-        return DASH if _to_float(low) is None else f"{fmt(low)} – {fmt(high)}"
+        low, high = get(diag, "norm", "min"), get(diag, "norm", "max")
+        return DASH if to_float(low) is None else f"{fmt_magnitude(low)} – {fmt_magnitude(high)}"
     value = diag.get(key)
-    return fmt_count(value) if kind == "count" else fmt(_to_float(value) if _is_number(value) else value)
+    return fmt_count(value) if kind == "count" else fmt(to_float(value) if is_number(value) else value)
 
 
 def _diagnostics_table(diagnostics: Mapping) -> dict | None:
@@ -368,7 +203,7 @@ def _diagnostics_table(diagnostics: Mapping) -> dict | None:
     for s in spaces:
         for key, value in diagnostics[s].items():
             if key not in known and key not in _DIAGNOSTIC_SKIP and key not in extra \
-                    and (_is_number(value) or value is None):
+                    and (is_number(value) or value is None):
                 extra.append(key)
     for key in extra:
         rows.append({"label": key.replace("_", " "), "hint": "",
@@ -387,12 +222,12 @@ def _per_class(per_class: Any) -> dict | None:
     metric_keys = []
     for entry in entries:
         for key, value in entry.items():
-            if key not in ("class", "n_queries") and key not in metric_keys and (_is_number(value) or value is None):
+            if key not in ("class", "n_queries") and key not in metric_keys and (is_number(value) or value is None):
                 metric_keys.append(key)
     sort_key = "MAP@R" if "MAP@R" in metric_keys else (metric_keys[0] if metric_keys else None)
 
     def score(entry: Mapping) -> float:
-        value = _to_float(entry.get(sort_key)) if sort_key else None
+        value = to_float(entry.get(sort_key)) if sort_key else None
         return value if value is not None else math.inf  # unknown scores sort after every real one
 
     ordered = sorted(entries, key=score)
@@ -400,7 +235,7 @@ def _per_class(per_class: Any) -> dict | None:
 
     def rows(items: Iterable[Mapping]) -> list[dict]:
         return [{"name": fmt(e.get("class")), "n": fmt_count(e.get("n_queries")),
-                 "values": [fmt(_to_float(e.get(k))) for k in metric_keys]} for e in items]
+                 "values": [fmt(to_float(e.get(k))) for k in metric_keys]} for e in items]
 
     tables = []
     if len(entries) <= 20:
@@ -411,79 +246,11 @@ def _per_class(per_class: Any) -> dict | None:
     return {"metrics": metric_keys, "tables": tables, "n_classes": len(entries)}
 
 
-# --------------------------------------------------------------------------- dataset
-
-def _ratio(value: Any) -> str:
-    # Split ratios are short decimals the user typed (0.8, 0.05); three fixed
-    # decimals would only add noise.
-    number = _to_float(value)
-    return f"{number:g}" if number is not None else fmt(value)
-
-
-def _ratios_text(ratios: Any) -> str:
-    if isinstance(ratios, Mapping):
-        return " · ".join(f"{k} {_ratio(v)}" for k, v in ratios.items()) or DASH
-    if isinstance(ratios, (list, tuple)):
-        return " · ".join(_ratio(v) for v in ratios) or DASH
-    return _ratio(ratios)
-
-
-def _dataset_view(dataset: Any) -> dict | None:
-    if not isinstance(dataset, Mapping) or not dataset:
-        return None
-    classes = [str(c) for c in dataset.get("classes") or []]
-    totals = dataset.get("totals") if isinstance(dataset.get("totals"), Mapping) else {}
-    counts = dataset.get("counts") if isinstance(dataset.get("counts"), Mapping) else {}
-    splits = list(totals) + [s for s in counts if s not in totals]
-    split_totals = []
-    for split in splits:
-        total = totals.get(split)
-        if total is None and isinstance(counts.get(split), Mapping):
-            total = sum(v for v in counts[split].values() if _is_number(v))
-        split_totals.append({"split": str(split), "n": total})
-    grand = sum(_to_float(r["n"]) or 0 for r in split_totals)
-    for r in split_totals:
-        value = _to_float(r["n"])
-        r["share"] = f"{value / grand:.1%}" if value is not None and grand else DASH
-        r["n"] = fmt_count(r["n"])
-
-    class_rows = []
-    if counts:
-        names = classes + sorted({str(c) for s in counts.values() if isinstance(s, Mapping) for c in s}
-                                 - set(classes))
-        for name in names:
-            values = []
-            for split in splits:
-                per_split = counts.get(split) if isinstance(counts.get(split), Mapping) else {}
-                values.append(fmt_count(per_split.get(name, 0)))
-            class_rows.append({"name": name, "values": values})
-
-    single = [str(c) for c in dataset.get("single_image_classes") or []]
-    groups = [g for g in dataset.get("duplicate_groups") or [] if g]
-    duplicate_rows = [", ".join(str(x) for x in g) if isinstance(g, (list, tuple)) else str(g) for g in groups]
-    facts = [
-        ("name", fmt(dataset.get("name"))),
-        ("source", fmt(dataset.get("source"))),
-        ("split", fmt(dataset.get("split"))),
-        ("ratios", _ratios_text(dataset.get("ratios")) if "ratios" in dataset else DASH),
-        ("seed", fmt(dataset.get("seed"))),
-        ("classes", fmt_count(len(classes)) if classes else DASH),
-        ("images kept", fmt_count(dataset.get("n_images"))),
-        ("images rejected", fmt_count(dataset.get("n_rejects"))),
-    ]
-    return {
-        "facts": facts, "classes": classes, "splits": [str(s) for s in splits], "split_totals": split_totals,
-        "class_rows": class_rows, "single": single, "duplicates": duplicate_rows[:50],
-        "n_duplicate_groups": len(duplicate_rows),
-        "n_duplicate_items": sum(len(g) for g in groups if isinstance(g, (list, tuple))),
-    }
-
-
 # --------------------------------------------------------------------------- backbones
 
 def _backbone_facts(metrics: Mapping) -> tuple[list[tuple[str, str]], str | None]:
-    info = _get(metrics, "backbone", default={}) or {}
-    protocol = _get(metrics, "protocol", default={}) or {}
+    info = get(metrics, "backbone", default={}) or {}
+    protocol = get(metrics, "protocol", default={}) or {}
     requested, loaded = info.get("weights"), info.get("weights_loaded")
     warning = None
     if isinstance(loaded, str) and (loaded.lower().startswith("random") or
@@ -496,8 +263,8 @@ def _backbone_facts(metrics: Mapping) -> tuple[list[tuple[str, str]], str | None
         ("weights", fmt(loaded if loaded else requested)),
         ("input size", f"{fmt(info.get('image_size'))} px" if info.get("image_size") else DASH),
         ("embedding dimension", fmt_count(info.get("dim"))),
-        ("throughput", f"{_to_float(info.get('throughput_img_s')):,.1f} images/s"
-         if _to_float(info.get("throughput_img_s")) is not None else DASH),
+        ("throughput", f"{to_float(info.get('throughput_img_s')):,.1f} images/s"
+         if to_float(info.get("throughput_img_s")) is not None else DASH),
         ("queries", f"{fmt(protocol.get('query_split'))} split, {fmt_count(protocol.get('n_queries'))}"
          if protocol else DASH),
         ("gallery", (", ".join(str(g) for g in gallery) if isinstance(gallery, list) else fmt(gallery))
@@ -508,35 +275,21 @@ def _backbone_facts(metrics: Mapping) -> tuple[list[tuple[str, str]], str | None
     return facts, warning
 
 
-def _without_positive(retrieval: Mapping) -> str:
-    """One sentence on queries that had nothing to find, said once when every variant agrees."""
-    counts = {}
-    for v in _variant_order(retrieval):
-        n = _to_float(_get(retrieval, v, "n_queries_without_positive"))
-        if n:
-            counts[v] = (int(n), _to_float(_get(retrieval, v, "n_queries_evaluated")))
-    if not counts:
-        return ""
-
-    def say(n: int, evaluated: float | None) -> str:
-        one = n == 1
-        text = f"{n:,} quer{'y' if one else 'ies'} had no positive in the gallery and {'was' if one else 'were'} left out"
-        return text + (f" ({fmt_count(evaluated)} evaluated)" if evaluated is not None else "")
-
-    if len(set(counts.values())) == 1:
-        return say(*next(iter(counts.values()))) + "."
-    return " ".join(f"{v}: {say(*c)}." for v, c in counts.items())
-
-
 def _backbone_view(entry: Mapping, out_dir: Path, used: set[str]) -> dict:
     metrics = entry.get("metrics") if isinstance(entry.get("metrics"), Mapping) else {}
-    tag = str(entry.get("tag") or _get(metrics, "backbone", "tag") or "backbone")
-    k = _get(metrics, "protocol", "k")
+    tag = str(entry.get("tag") or get(metrics, "backbone", "tag") or "backbone")
+    k = get(metrics, "protocol", "k")
     columns = _metric_columns(k)
     retrieval = metrics.get("retrieval") if isinstance(metrics.get("retrieval"), Mapping) else {}
     rows = [{"variant": v, "values": _metric_row(metrics, v, k)} for v in _variant_order(retrieval)]
     _mark_best(rows, columns)
-    without_positive = _without_positive(retrieval)
+    no_positive = without_positive(retrieval)
+    evaluated = [to_float(get(retrieval, v, "n_queries_evaluated")) for v in retrieval]
+    evaluated = [n for n in evaluated if n is not None]
+    nothing_scored = bool(evaluated) and max(evaluated) == 0
+    scoring_note = metrics.get("scoring_note")
+    if nothing_scored and not scoring_note:
+        scoring_note = "nothing to score: no query has a positive in the gallery"
 
     diagnostics = metrics.get("diagnostics") if isinstance(metrics.get("diagnostics"), Mapping) else {}
     plots = entry.get("plots") if isinstance(entry.get("plots"), Mapping) else {}
@@ -561,17 +314,26 @@ def _backbone_view(entry: Mapping, out_dir: Path, used: set[str]) -> dict:
         "facts": facts,
         "warning": warning,
         "columns": columns,
-        "rows": [{"variant": r["variant"], "cells": _cells(r, columns)} for r in rows],
-        "without_positive": without_positive,
-        "equivalence": _equivalence_text(metrics) if retrieval else None,
+        # A table of dashes says less than the sentence explaining why there is nothing to score.
+        "rows": [] if nothing_scored else [{"variant": r["variant"], "cells": _cells(r, columns)} for r in rows],
+        "scoring_note": _sentence(scoring_note),
+        "sample_note": "" if nothing_scored else small_sample_note(min(evaluated) if evaluated else None),
+        "without_positive": "" if nothing_scored else no_positive,
+        "equivalence": equivalence_text(metrics) if retrieval else None,
         "diagnostics": _diagnostics_table(diagnostics),
         "reading": diagnostics_reading(diagnostics.get("unit"), diagnostics.get("raw")),
+        "plot_notes": [str(n) for n in metrics.get("plot_notes") or []],
         "wide_plots": wide,
         "plots": small,
         "grids": grids,
-        "per_class": _per_class(metrics.get("per_class")),
-        "timings": " · ".join(f"{name} {_seconds(value)}" for name, value in timings.items()),
+        "per_class": None if nothing_scored else _per_class(metrics.get("per_class")),
+        "timings": " · ".join(f"{name} {fmt_seconds(value)}" for name, value in timings.items()),
     }
+
+
+def _sentence(text: Any) -> str:
+    text = str(text or "").strip()
+    return (text[0].upper() + text[1:] + ("" if text.endswith(".") else ".")) if text else ""
 
 
 def _comparison(backbones: list[Mapping]) -> dict | None:
@@ -583,8 +345,8 @@ def _comparison(backbones: list[Mapping]) -> dict | None:
     for entry in backbones:
         metrics = entry.get("metrics") if isinstance(entry.get("metrics"), Mapping) else {}
         retrieval = metrics.get("retrieval") if isinstance(metrics.get("retrieval"), Mapping) else {}
-        tag = str(entry.get("tag") or _get(metrics, "backbone", "tag") or "backbone")
-        entry_k = _get(metrics, "protocol", "k")
+        tag = str(entry.get("tag") or get(metrics, "backbone", "tag") or "backbone")
+        entry_k = get(metrics, "protocol", "k")
         for variant in _variant_order(retrieval):
             rows.append({"tag": tag, "variant": variant, "values": _metric_row(metrics, variant, entry_k)})
     if not rows:
@@ -618,7 +380,7 @@ def build_view(out_dir: Path, context: Mapping) -> dict:
         "run": fmt(context.get("run")),
         "created": fmt(context.get("created")),
         "command": context.get("command") or "",
-        "dataset": _dataset_view(context.get("dataset")),
+        "dataset": dataset_view(context.get("dataset")),
         "comparison": _comparison(backbones),
         "comparison_plot": _image_src(context.get("comparison_plot"), out_dir),
         "backbones": sections,
@@ -626,24 +388,8 @@ def build_view(out_dir: Path, context: Mapping) -> dict:
     }
 
 
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-        autoescape=True,
-        # Missing keys render empty instead of aborting a run that took an hour.
-        undefined=jinja2.ChainableUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-
-
 def render_report(out_dir: Path, context: dict) -> Path:
     """Write `out_dir/index.html` atomically and return its path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    html = _environment().get_template(TEMPLATE).render(**build_view(out_dir, context))
-    path = out_dir / "index.html"
-    with atomic_open(path, "w", encoding="utf-8") as handle:
-        handle.write(html)
-    return path
+    return render_html(TEMPLATE, build_view(out_dir, context), out_dir / "index.html")

@@ -45,15 +45,15 @@ def build_embedding_model(backbone: BackboneConfig, head):
 
     from models.backbones import build_feature_extractor
 
-    extractor = build_feature_extractor(backbone.name, weights=backbone.weights, image_size=backbone.image_size,
-                                        alpha=backbone.alpha, weights_fallback="error")
+    extractor = build_feature_extractor(**backbone.extractor_options(weights_fallback="error"))
     pooled = extractor.model.output["pooled"]
     embedding = head(pooled)
     return keras.Model(extractor.model.input, embedding, name="embedding_model"), extractor.image_size
 
 
 def export_embedding_model(run_dir: RunDir, backbone: BackboneConfig, loss: str, phase1_meta: dict,
-                           probe_images: np.ndarray | None = None, probe_features: np.ndarray | None = None) -> Path | None:
+                           probe_images: np.ndarray | None = None,
+                           probe_features: np.ndarray | None = None) -> Path | None:
     """Compose, check and save; None (with a warning) when the backbone cannot be rebuilt identically."""
     import keras
 

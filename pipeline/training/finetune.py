@@ -9,93 +9,45 @@ backup/) except that the model is image-level from the start:
 
 Learning rates: the head trains at `train.learning_rate` and the trunk's layers at
 the lower `train.finetune_learning_rate`, through one AdamW with per-variable
-multipliers (models/optimizers.py), so backups (pipeline/checkpoints.py), checkpoints and
+multipliers (models/optimizers.py), so backups (training/checkpoints.py), checkpoints and
 ReduceLROnPlateau (which lowers both rates together) work as in head mode.
 
 Data: the train (and validation) records' encoded bytes are held in memory (they are
-far smaller than decoded pixels) and decoded per batch, so augmentation differs
-each time an image is drawn. Augmentation is seeded per drawn item, so a resumed
-run sees the same crops it would have seen uninterrupted.
+far smaller than decoded pixels, pipeline/data/tfrecords.py `read_records`) and decoded
+per batch, so augmentation (pipeline/data/augment.py) differs each time an image is
+drawn. Augmentation is seeded per drawn item, so a resumed run sees the same crops it
+would have seen uninterrupted.
 """
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import keras
 import numpy as np
 
-from pipeline.core import atomic
 from pipeline.config import BackboneConfig, TrainConfig
-from pipeline.phases.extract import load_dataset_meta
+from pipeline.core import atomic
+from pipeline.core.distribute import distribute_global_batches, training_strategy, worker_output_dir
 from pipeline.core.errors import PhaseInputError
 from pipeline.core.run_dir import RunDir, fingerprint_of
-from pipeline.core.distribute import distribute_global_batches, training_strategy, worker_output_dir
-from pipeline.training.head import (RetrievalValidation, _callbacks, _effective_jit, _hard_negatives, _jsonable,
-                    _plot_curves, _write_history, begin_training, finish_training, fit_checked, fit_summary,
-                    fingerprinted_settings, load_phase1_features, pair_keys, runtime_summary, split_train_val,
-                    usable_training_rows)
+from pipeline.data.tfrecords import plain_images, read_records
+from pipeline.core.artifacts import load_dataset_meta, load_phase1_features
+from pipeline.reporting.plots import plot_training_curves
+from pipeline.training.callbacks import MONITOR, VAL_METRICS, RetrievalValidation, training_callbacks
+from pipeline.training.loop import (begin_training, effective_jit, fingerprinted_settings, finish_training,
+                                    fit_checked, fit_summary, runtime_summary, training_record, write_history)
+from pipeline.training.objectives import objective_for
+from pipeline.training.protocol import batch_plan, hard_negatives, training_data
 
 log = logging.getLogger("embedlab.finetune")
 
-# The splits training can use: "train" to learn from, "val" to validate on (when usable).
-_SPLITS = ("train", "val")
+MODE = "finetune"
 
 
 # --------------------------------------------------------------------------- data
-
-def read_records(dataset_dir: Path, splits: Sequence[str] = _SPLITS):
-    """(items DataFrame with split/id/label/group, encoded image bytes as an object array), in record order."""
-    import pandas as pd
-    import tensorflow as tf
-
-    from pipeline.data import schema
-    from pipeline.data.tfrecords import list_shards
-
-    columns: dict[str, list] = {"split": [], "id": [], "label": [], "group": []}
-    encoded: list[bytes] = []
-    for split in splits:
-        shards = list_shards(dataset_dir, split)
-        if not shards:
-            continue
-        ds = tf.data.TFRecordDataset([str(p) for p in shards]).batch(1024).map(schema.parse)
-        for batch in ds.as_numpy_iterator():
-            encoded.extend(batch["image"].tolist())
-            columns["id"].extend(v.decode("utf-8") for v in batch["id"])
-            columns["label"].extend(int(v) for v in batch["label"])
-            columns["group"].extend(v.decode("utf-8") for v in batch["group"])
-            columns["split"].extend([split] * len(batch["id"]))
-    if not encoded:
-        raise PhaseInputError(f"no TFRecords for splits {list(splits)} in {dataset_dir}: run phase0 first")
-    return pd.DataFrame(columns), np.array(encoded, dtype=object)
-
-
-def augment_image(image, image_size: int, seed):
-    """Random resized crop, horizontal flip, mild brightness/contrast/saturation jitter; float32 0..255 out.
-
-    Stateless ops with an explicit per-item seed: the same item index always gets the same augmentation.
-    """
-    import tensorflow as tf
-
-    seeds = tf.random.experimental.stateless_split(seed, num=5)
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seeds[0],
-        min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.5, 1.0), max_attempts=10,
-        use_image_if_no_bounding_boxes=True)
-    image = tf.slice(image, begin, size)
-    image = tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size), method="bilinear", antialias=True)
-    image = tf.image.stateless_random_flip_left_right(image, seeds[1])
-    # Colour ops expect 0..1; the jitter is mild because colour is often what tells classes apart.
-    image = image / 255.0
-    image = tf.image.stateless_random_brightness(image, 0.1, seeds[2])
-    image = tf.image.stateless_random_contrast(image, 0.9, 1.1, seeds[3])
-    image = tf.image.stateless_random_saturation(image, 0.9, 1.1, seeds[4])
-    return tf.clip_by_value(image, 0.0, 1.0) * 255.0
-
 
 def image_batches(encoded: np.ndarray, labels: np.ndarray, image_size: int, n_classes_per_batch: int,
                   n_samples_per_class: int, seed: int, augment: bool, skip_batches: int = 0,
@@ -110,6 +62,7 @@ def image_batches(encoded: np.ndarray, labels: np.ndarray, image_size: int, n_cl
 
     import tensorflow as tf
 
+    from pipeline.data.augment import augment_image
     from pipeline.data.tfrecords import decode_and_resize
     from pipeline.training.sampler import balanced_batch_indices, hard_negative_batch_indices
 
@@ -155,17 +108,6 @@ def image_batches(encoded: np.ndarray, labels: np.ndarray, image_size: int, n_cl
     return ds.batch(count, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def plain_images(encoded: np.ndarray, image_size: int, batch_size: int = 64):
-    """Decoded, resized, unaugmented images in the given order (validation)."""
-    import tensorflow as tf
-
-    from pipeline.data.tfrecords import decode_and_resize
-
-    ds = tf.data.Dataset.from_tensor_slices(tf.constant(encoded.astype(object).tolist(), dtype=tf.string))
-    ds = ds.map(lambda b: decode_and_resize(b, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
 # --------------------------------------------------------------------------- model
 
 def build_finetune_model(backbone: BackboneConfig, embedding_dim: int, finetune_layers: int,
@@ -178,8 +120,7 @@ def build_finetune_model(backbone: BackboneConfig, embedding_dim: int, finetune_
     from models.backbones import build_feature_extractor
     from models.heads import build_embedding_head
 
-    extractor = build_feature_extractor(backbone.name, weights=backbone.weights, image_size=backbone.image_size,
-                                        alpha=backbone.alpha, weights_fallback=backbone.weights_fallback)
+    extractor = build_feature_extractor(**backbone.extractor_options())
     trunk = next(layer for layer in extractor.model.layers if isinstance(layer, keras.Model))
     # A count at or above the trunk's depth trains the whole trunk.
     n_layers = min(finetune_layers, len(trunk.layers))
@@ -212,7 +153,7 @@ def finetune_optimizer(trunk, settings: TrainConfig):
 
 def baseline_features(run_dir: RunDir, tag: str, ids: np.ndarray) -> np.ndarray:
     """Phase-1 features of the items `ids`, in that order (the baseline that ranks hard negatives)."""
-    phase1 = load_phase1_features(run_dir.embeddings_dir(tag))
+    phase1 = load_phase1_features(run_dir.embeddings_dir(tag), load_dataset_meta(run_dir))
     position = {item_id: row for row, item_id in enumerate(phase1["items"]["id"].astype(str))}
     missing = [item_id for item_id in ids if item_id not in position]
     if missing:
@@ -225,16 +166,13 @@ def baseline_features(run_dir: RunDir, tag: str, ids: np.ndarray) -> np.ndarray:
 
 def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss_name: str, settings: TrainConfig,
                    strategy=None, force: bool = False, extra_callbacks: Sequence = ()) -> Path:
-    from models import losses as losses_lib
-
+    """Fine-tune (or resume, or find up to date) backbone `backbone_cfg` with loss `loss_name`; returns its folder."""
     strategy = strategy or training_strategy(settings.devices)
     out = worker_output_dir(run_dir.train_dir(tag, loss_name), strategy)
-    loss_params = dict(settings.loss_params.get(loss_name, {}) or {})
     dataset_meta = load_dataset_meta(run_dir)
-    loss = losses_lib.get_loss(loss_name, **loss_params)
-    inputs = {"dataset": dataset_meta.get("fingerprint"), "backbone": asdict(backbone_cfg),
-              "train": fingerprinted_settings(settings), "loss": loss_name,
-              "loss_config": _jsonable(loss.get_config()),
+    objective = objective_for(loss_name, settings.loss_params.get(loss_name, {}) or {})
+    inputs = {"dataset": dataset_meta.get("fingerprint"), "backbone": backbone_cfg.fingerprint_fields(),
+              "train": fingerprinted_settings(settings, MODE), **objective.fingerprint(),
               # Since the trunk has had its own learning rate; earlier runs trained both at one rate.
               "optimizer": "ScaledAdamW"}
     if settings.hard_negative_share > 0:
@@ -246,96 +184,66 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
     if started is None:
         return out
     resume_epoch = started.epoch
-    history_path = out / "history.csv"
 
     items, encoded = read_records(run_dir.dataset_dir)
-    labels = pair_keys(items, settings)
-    train_rows, val_rows, validation = split_train_val(items, settings, labels)
-    train_rows, single = usable_training_rows(train_rows, labels, settings, tag)
-    train_labels = labels[train_rows]
-    hard_negatives = None
+    data = training_data(items, settings, tag)
+    train_rows, val_rows = data.train_rows, data.val_rows
+    negatives = None
     if settings.hard_negative_share > 0:
-        hard_negatives = _hard_negatives(baseline_features(run_dir, tag, items["id"].to_numpy()[train_rows]),
-                                         train_labels, settings)
+        negatives = hard_negatives(baseline_features(run_dir, tag, items["id"].to_numpy()[train_rows]),
+                                   data.train_keys, settings)
+    train_labels = objective.training_labels(data.train_keys)
 
-    with_classifier = bool(getattr(loss, "requires_classifier", False))
-    train_classes = np.unique(train_labels)
-    if with_classifier:
-        train_labels = np.searchsorted(train_classes, train_labels)
-
-    jit_compile = _effective_jit(settings, strategy)
+    jit_compile = effective_jit(settings, strategy)
     keras.utils.set_random_seed(settings.seed)
     with strategy.scope():
         embedding_model, trunk, extractor = build_finetune_model(
             backbone_cfg, settings.embedding_dim, settings.finetune_layers,
             synchronized_bn=strategy.num_replicas_in_sync > 1)
-        if with_classifier:
-            from models.classifier import CosineClassifier
+        model = objective.compile(embedding_model, finetune_optimizer(trunk, settings), jit_compile)
 
-            logits = CosineClassifier(len(train_classes), name="cosine_classifier")(embedding_model.output)
-            model = keras.Model(embedding_model.input, logits, name="embedding_model_with_classifier")
-            metrics = []
-        else:
-            model = embedding_model
-            metrics = [losses_lib.triplet_accuracy]
-        model.compile(optimizer=finetune_optimizer(trunk, settings), loss=loss, metrics=metrics,
-                      jit_compile=jit_compile)
-
-    n_classes = min(settings.n_classes_per_batch, train_classes.size)
-    batch_size = n_classes * settings.n_samples_per_class
-    steps = settings.steps_per_epoch or math.ceil(len(train_rows) / batch_size)
+    batches = batch_plan(settings, data)
 
     def rows_of_each_batch(first: int, count: int):
         return image_batches(encoded[train_rows], train_labels, extractor.image_size, settings.n_classes_per_batch,
                              settings.n_samples_per_class, settings.seed, settings.augment,
-                             skip_batches=resume_epoch * steps, hard_negatives=hard_negatives,
+                             skip_batches=resume_epoch * batches.steps, hard_negatives=negatives,
                              hard_negative_share=settings.hard_negative_share, first=first, count=count)
 
-    dataset = distribute_global_batches(strategy, rows_of_each_batch, batch_size)
+    dataset = distribute_global_batches(strategy, rows_of_each_batch, batches.size)
     val_images = plain_images(encoded[val_rows], extractor.image_size)
-    validator = RetrievalValidation(embedding_model, None, labels[val_rows],
+    validator = RetrievalValidation(embedding_model, None, data.keys[val_rows],
                                     embed=lambda: embedding_model.predict(val_images, verbose=0))
-    callbacks = _callbacks(out, settings, validator, extra_callbacks, started)
+    callbacks = training_callbacks(out, settings, validator, extra_callbacks, started)
     n_trainable = sum(int(np.prod(w.shape)) for w in trunk.trainable_weights)
     trainable_layers = min(settings.finetune_layers, len(trunk.layers))
     log.info("phase 3 (finetune): %s / %s: %d training images (%d classes), %d validation images (%s), batches of "
              "%d classes x %d, %d steps/epoch, last %d trunk layers trainable (%d backbone parameters)", tag,
-             loss_name, len(train_rows), train_classes.size, len(val_rows), validation["protocol"], n_classes,
-             settings.n_samples_per_class, steps, trainable_layers, n_trainable)
+             loss_name, len(train_rows), data.n_train_classes, len(val_rows), data.validation["protocol"],
+             batches.n_classes, settings.n_samples_per_class, batches.steps, trainable_layers, n_trainable)
     fit, history, seconds = fit_checked(
-        model, dataset, steps, settings.epochs, callbacks, out, resume_epoch, f"{loss_name} fine-tuning {tag}",
+        model, dataset, batches.steps, settings.epochs, callbacks, out, resume_epoch, f"{loss_name} fine-tuning {tag}",
         f"Lower train.learning_rate and train.finetune_learning_rate, or change train.loss_params.{loss_name}")
     probe = next(iter(val_images if len(val_rows) else plain_images(encoded[train_rows[:8]], extractor.image_size)))
     _save_model(embedding_model, out, probe.numpy()[:8], tag, loss_name, extractor.image_size)
-    _write_history(history_path, history)
-    _plot_curves(history, out / "curves.png", f"{tag} · {loss_name} · finetune", before=validator.initial)
+    write_history(out / "history.csv", history)
+    plot_training_curves(history, out / "curves.png", f"{tag} · {loss_name} · finetune", before=validator.initial,
+                         metrics=VAL_METRICS, monitor=MONITOR)
 
-    progress = fit_summary(history, fit, steps, seconds, validator, settings.epochs, resume_epoch)
-    summary = {
-        "backbone": tag, "backbone_config": asdict(backbone_cfg), "weights_loaded": extractor.weights_loaded,
-        "image_size": extractor.image_size, "loss": loss_name, "loss_params": loss_params,
-        "loss_config": _jsonable(loss.get_config()), "mode": "finetune",
-        "train": {k: v for k, v in asdict(settings).items() if k not in ("losses", "loss_params")},
-        "optimizer": {"name": "ScaledAdamW", "head_learning_rate": settings.learning_rate,
-                      "backbone_learning_rate": settings.finetune_learning_rate,
-                      "weight_decay": settings.weight_decay},
-        **runtime_summary(settings, strategy, jit_compile, hard_negatives),
-        "finetune_layers": settings.finetune_layers, "trunk_layers": len(trunk.layers),
-        "trainable_trunk_layers": trainable_layers, "trainable_backbone_parameters": n_trainable,
-        "augment": settings.augment,
-        "requires_classifier": with_classifier, "n_classifier_classes": int(train_classes.size) if with_classifier
-        else None,
-        **progress,
-        "validation": validation,
-        "n_train": int(len(train_rows)), "n_train_classes": int(train_classes.size),
-        "n_single_item_classes_excluded": int(single.size),
-        "n_val": int(len(val_rows)), "feature_dim": extractor.dim, "embedding_dim": settings.embedding_dim,
-        "batch": {"n_classes": int(n_classes), "n_samples_per_class": settings.n_samples_per_class,
-                  "size": int(batch_size)},
-        "dataset": {"dir": run_dir.dataset_dir.as_posix(), "fingerprint": dataset_meta.get("fingerprint")},
-        "fingerprint": fingerprint,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    summary = training_record(
+        tag=tag, mode=MODE, settings=settings, objective=objective, data=data, batches=batches,
+        progress=fit_summary(history, fit, batches.steps, seconds, validator, settings.epochs, resume_epoch),
+        runtime=runtime_summary(settings, strategy, jit_compile, negatives), feature_dim=extractor.dim,
+        fingerprint=fingerprint, mode_fields={
+            "backbone_config": asdict(backbone_cfg), "weights_loaded": extractor.weights_loaded,
+            "image_size": extractor.image_size,
+            "optimizer": {"name": "ScaledAdamW", "head_learning_rate": settings.learning_rate,
+                          "backbone_learning_rate": settings.finetune_learning_rate,
+                          "weight_decay": settings.weight_decay},
+            "finetune_layers": settings.finetune_layers, "trunk_layers": len(trunk.layers),
+            "trainable_trunk_layers": trainable_layers, "trainable_backbone_parameters": n_trainable,
+            "augment": settings.augment,
+            "dataset": {"dir": run_dir.dataset_dir.as_posix(), "fingerprint": dataset_meta.get("fingerprint")}})
     return finish_training(out, summary)
 
 

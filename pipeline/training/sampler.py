@@ -20,7 +20,7 @@ classes of the anchor's top-ranked negatives (those items included), the rest as
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -278,7 +278,8 @@ def _batch_layout(labels, n_classes_per_batch: int, n_samples_per_class: int) ->
 
 def _generate(labels: np.ndarray, usable: np.ndarray, n_classes: int, k: int, seed: int,
               hard_negatives: np.ndarray | None = None, n_hard: int = 0) -> Iterator[np.ndarray]:
-    """The batch stream. With n_hard=0 (or no hard_negatives) the draws, and so the stream, are those of the plain sampler."""
+    """The batch stream. With n_hard=0 (or no hard_negatives) the draws, and so the stream, are those
+    of the plain sampler."""
     rng = np.random.default_rng(seed)
     order = np.argsort(labels, kind="stable")
     bounds = np.searchsorted(labels[order], usable, side="left"), np.searchsorted(labels[order], usable, side="right")

@@ -5,17 +5,27 @@ sample (`stratified_sample`) and pass a seed; PCA is exact and cheap.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 
 import numpy as np
 
 METHODS = ("pca", "tsne", "umap")
+DISPLAY_NAMES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
 
 # Below these sizes the neighbour-graph methods are ill-posed (perplexity or
 # n_neighbors would be < 1, spectral init has too few eigenvectors), so fall back
 # to PCA rather than fail the whole evaluation over a tiny split.
 _MIN_POINTS_TSNE = 5
 _MIN_POINTS_UMAP = 6
+
+# What a picture needs to say anything (`plan_projections`). t-SNE and UMAP lay out neighbourhoods: with
+# fewer points than their default neighbourhood sizes (perplexity 30, 15 neighbours) every point is
+# everyone's neighbour, and with one class there is no structure to show; they cost seconds (UMAP's
+# import alone) for a picture of noise. PCA is exact and cheap, so it only needs a handful of points.
+MIN_POINTS_PCA = 5
+MIN_POINTS_NEIGHBOUR_LAYOUT = 50
+MIN_CLASSES_NEIGHBOUR_LAYOUT = 2
 
 
 def _as_2d_float(x: np.ndarray) -> np.ndarray:
@@ -90,9 +100,27 @@ def _tsne(x: np.ndarray, seed: int) -> np.ndarray:
     return tsne.fit_transform(x)
 
 
+def _import_umap():
+    """umap, without the TensorFlow import it attempts for its optional ParametricUMAP.
+
+    In the projection worker process nothing else needs TensorFlow, and importing it cost 6.5 of umap's
+    9.4 s import; a blocked import makes umap skip ParametricUMAP, which is never used here.
+    """
+    if "tensorflow" in sys.modules:
+        import umap
+        return umap
+    sys.modules["tensorflow"] = None  # type: ignore[assignment]  # `import tensorflow` now raises ImportError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ImportWarning)
+            import umap
+    finally:
+        del sys.modules["tensorflow"]
+    return umap
+
+
 def _umap(x: np.ndarray, seed: int) -> np.ndarray:
-    # Lazy: importing umap pulls in numba (and tries TensorFlow), ~20 s cold.
-    import umap
+    umap = _import_umap()
 
     n = len(x)
     metric = "euclidean" if _has_zero_rows(x) else "cosine"
@@ -182,7 +210,27 @@ def stratified_sample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
-_DISPLAY_NAMES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
+def plan_projections(methods: list[str], n_points: int, n_classes: int) -> tuple[list[str], dict[str, str]]:
+    """(the methods worth running on this sample, {display name: why it is skipped}).
+
+    Plot cost follows the data: a projection that cannot show anything at this size is not computed.
+    """
+    run, skipped = [], {}
+    for method in methods:
+        name = DISPLAY_NAMES.get(method, method)
+        if method == "pca":
+            if n_points < MIN_POINTS_PCA:
+                skipped[name] = f"only {n_points} points (PCA is drawn from {MIN_POINTS_PCA})"
+                continue
+        elif n_points < MIN_POINTS_NEIGHBOUR_LAYOUT:
+            skipped[name] = (f"only {n_points} points: {name} lays out neighbourhoods and needs at least "
+                             f"{MIN_POINTS_NEIGHBOUR_LAYOUT} to show any")
+            continue
+        elif n_classes < MIN_CLASSES_NEIGHBOUR_LAYOUT:
+            skipped[name] = f"{n_classes} class among the points: no class structure to lay out"
+            continue
+        run.append(method)
+    return run, skipped
 
 
 def project_all(x: np.ndarray, methods: list[str], seed: int = 0) -> dict[str, np.ndarray | str]:
@@ -190,9 +238,9 @@ def project_all(x: np.ndarray, methods: list[str], seed: int = 0) -> dict[str, n
     out: dict[str, np.ndarray | str] = {}
     for method in methods:
         try:
-            out[_DISPLAY_NAMES[method]] = project_2d(x, method, seed=seed)
+            out[DISPLAY_NAMES[method]] = project_2d(x, method, seed=seed)
         except Exception as exc:  # one projection failing must not sink the others
-            out[_DISPLAY_NAMES.get(method, method)] = f"{type(exc).__name__}: {exc}"
+            out[DISPLAY_NAMES.get(method, method)] = f"{type(exc).__name__}: {exc}"
     return out
 
 
@@ -209,7 +257,9 @@ class BackgroundProjections:
 
         self._executor = None
         self._inline = (x, methods, seed)
-        if not methods:
+        if not set(methods) - {"pca"}:
+            # PCA alone takes milliseconds; starting a process (a new interpreter and its imports) would
+            # cost seconds. It is computed in-line when the result is asked for.
             self._future = None
             return
         try:
@@ -232,8 +282,8 @@ class BackgroundProjections:
                     # so only PCA (exact, cheap) is computed; the others report the failure.
                     died = f"the projection process died ({type(exc).__name__}: {exc}); not computed"
                     out = project_all(x, [m for m in methods if m == "pca"], seed)
-                    out.update({_DISPLAY_NAMES[m]: died for m in methods if m != "pca"})
-                    return {_DISPLAY_NAMES[m]: out[_DISPLAY_NAMES[m]] for m in methods}
+                    out.update({DISPLAY_NAMES[m]: died for m in methods if m != "pca"})
+                    return {DISPLAY_NAMES[m]: out[DISPLAY_NAMES[m]] for m in methods}
             return project_all(x, methods, seed)
         finally:
             if self._executor is not None:

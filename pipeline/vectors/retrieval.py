@@ -66,6 +66,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.vectors.normalize import l2_normalize, row_sq_norms
+
 METRICS = ("cosine", "euclidean")
 
 # Per-query array name -> name of its mean in `RetrievalResult.metrics`.
@@ -77,10 +79,6 @@ _WALK_LIMIT = 16
 # Budget (in elements) for the per-group rows x R arrays of relevant scores,
 # ranks and precisions: about 150 MB of temporaries per worker.
 _GROUP_ELEMENTS = 1 << 22
-
-# Row block used when computing norms in float64, so no float64 copy of a large
-# matrix is ever made.
-_NORM_BLOCK = 8192
 
 
 @dataclass
@@ -156,12 +154,12 @@ def retrieve(
 
     query_sq_norms = None
     if metric == "cosine":
-        gallery32 = _l2_normalise(gallery32)
-        query32 = gallery32 if same_matrix else _l2_normalise(query32)
+        gallery32 = l2_normalize(gallery32)
+        query32 = gallery32 if same_matrix else l2_normalize(query32)
         gallery_sq_norms = None
     else:
-        gallery_sq64 = _row_sq_norms(gallery32)
-        query_sq_norms = gallery_sq64 if same_matrix else _row_sq_norms(query32)
+        gallery_sq64 = row_sq_norms(gallery32)
+        query_sq_norms = gallery_sq64 if same_matrix else row_sq_norms(query32)
         # 2 q.g - ||g||^2 must not overflow float32, or ranks would be meaningless.
         if max(gallery_sq64.max(initial=0.0), query_sq_norms.max(initial=0.0)) > np.finfo(np.float32).max / 8:
             raise ValueError("vector norms too large for float32 euclidean scoring")
@@ -492,28 +490,6 @@ def _as_float32_matrix(x: np.ndarray, name: str) -> np.ndarray:
     if not np.isfinite(array).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return array
-
-
-def _row_sq_norms(x: np.ndarray) -> np.ndarray:
-    out = np.empty(x.shape[0], dtype=np.float64)
-    for start in range(0, x.shape[0], _NORM_BLOCK):
-        block = x[start:start + _NORM_BLOCK].astype(np.float64)
-        out[start:start + _NORM_BLOCK] = np.einsum("ij,ij->i", block, block)
-    return out
-
-
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.sqrt(_row_sq_norms(x))
-    scale = np.zeros_like(norms)
-    np.divide(1.0, norms, out=scale, where=norms > 0)
-    out = np.empty_like(x)
-    for start in range(0, x.shape[0], _NORM_BLOCK):
-        stop = start + _NORM_BLOCK
-        # Dividing in float64 keeps exactly representable unit rows unchanged.
-        block = x[start:stop].astype(np.float64)
-        block *= scale[start:stop, None]
-        out[start:stop] = block
-    return out
 
 
 def _encode_labels(query_labels, gallery_labels, n_queries: int, gallery_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ masking or reduction slip in models/losses.py shows up as a value mismatch.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,6 +176,115 @@ def ref_triplet_accuracy(x, y):
     return correct / total if total else 0.0
 
 
+# Query x reference: every (query i, reference j) pair counts, none is a sample with itself.
+
+def cross_distance(q, r, i, j, kind):
+    if kind == "cosine":
+        return 1.0 - cross_cosine(q, r, i, j)
+    squared = float(np.sum((q[i] - r[j]) ** 2))
+    return squared if kind == "squared_euclidean" else math.sqrt(squared)
+
+
+def cross_cosine(q, r, i, j):
+    return float(q[i] @ r[j]) / (np.linalg.norm(q[i]) * np.linalg.norm(r[j]))
+
+
+def cross_triplet(q, y, r, yr, margin=0.2, mining="semi_hard", distance="euclidean"):
+    d = [[cross_distance(q, r, a, j, distance) for j in range(len(yr))] for a in range(len(y))]
+    values = []
+    for a in range(len(y)):
+        pos = [d[a][p] for p in range(len(yr)) if yr[p] == y[a]]
+        neg = [d[a][k] for k in range(len(yr)) if yr[k] != y[a]]
+        if mining == "batch_all":
+            values += [v for v in (max(dp - dn + margin, 0.0) for dp in pos for dn in neg) if v > 0]
+        elif mining == "batch_hard":
+            if pos and neg:
+                values.append(max(max(pos) - min(neg) + margin, 0.0))
+        elif neg:
+            for dp in pos:
+                farther = [dn for dn in neg if dn > dp]
+                values.append(max(dp - (min(farther) if farther else max(neg)) + margin, 0.0))
+    return float(np.mean(values)) if values else 0.0
+
+
+def cross_contrastive(q, y, r, yr, positive_margin=0.6, negative_margin=1.4, distance="euclidean"):
+    values = []
+    for i in range(len(y)):
+        for j in range(len(yr)):
+            dist = cross_distance(q, r, i, j, distance)
+            margin_gap = dist - positive_margin if y[i] == yr[j] else negative_margin - dist
+            values.append(max(margin_gap, 0.0) ** 2)
+    return float(np.mean(values)) if values else 0.0
+
+
+def cross_contrastive_softmax(q, y, r, yr, temperature=0.1):
+    values = []
+    for a in range(len(y)):
+        for p in range(len(yr)):
+            for k in range(len(yr)):
+                if yr[p] == y[a] and yr[k] != y[a]:
+                    e_pos = math.exp(cross_cosine(q, r, a, p) / temperature)
+                    e_neg = math.exp(cross_cosine(q, r, a, k) / temperature)
+                    values.append(-math.log(e_pos / (e_pos + e_neg)))
+    return float(np.mean(values)) if values else 0.0
+
+
+def cross_multisimilarity(q, y, r, yr, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1):
+    total = 0.0
+    for i in range(len(y)):
+        pos = [cross_cosine(q, r, i, k) for k in range(len(yr)) if yr[k] == y[i]]
+        neg = [cross_cosine(q, r, i, k) for k in range(len(yr)) if yr[k] != y[i]]
+        if not pos or not neg:
+            continue
+        kept_neg = [s for s in neg if s + epsilon > min(pos)]
+        kept_pos = [s for s in pos if s - epsilon < max(neg)]
+        if not kept_neg or not kept_pos:
+            continue
+        total += math.log(1 + sum(math.exp(-alpha * (s - base)) for s in kept_pos)) / alpha
+        total += math.log(1 + sum(math.exp(beta * (s - base)) for s in kept_neg)) / beta
+    return total / len(y)
+
+
+def _cross_log_prob(q, r, a, k, temperature):
+    denominator = sum(math.exp(cross_cosine(q, r, a, j) / temperature) for j in range(len(r)))
+    return cross_cosine(q, r, a, k) / temperature - math.log(denominator)
+
+
+def cross_supcon(q, y, r, yr, temperature=0.07):
+    per_anchor = []
+    for a in range(len(y)):
+        positives = [p for p in range(len(yr)) if yr[p] == y[a]]
+        if positives:
+            per_anchor.append(-sum(_cross_log_prob(q, r, a, p, temperature) for p in positives) / len(positives))
+    return float(np.mean(per_anchor)) if per_anchor else 0.0
+
+
+def cross_infonce(q, y, r, yr, temperature=0.1):
+    values = [-_cross_log_prob(q, r, a, p, temperature) for a in range(len(y)) for p in range(len(yr))
+              if yr[p] == y[a]]
+    return float(np.mean(values)) if values else 0.0
+
+
+def cross_triplet_accuracy(q, y, r, yr):
+    correct = total = 0
+    for a in range(len(y)):
+        for p in range(len(yr)):
+            for k in range(len(yr)):
+                if yr[p] == y[a] and yr[k] != y[a]:
+                    total += 1
+                    correct += cross_distance(q, r, a, p, "euclidean") < cross_distance(q, r, a, k, "euclidean")
+    return correct / total if total else 0.0
+
+
+CROSS_REFERENCES = {
+    "triplet": cross_triplet,
+    "contrastive": cross_contrastive,
+    "contrastive_softmax": cross_contrastive_softmax,
+    "multisimilarity": cross_multisimilarity,
+    "supcon": cross_supcon,
+    "infonce": cross_infonce,
+}
+
 REFERENCES = {
     "triplet": ref_triplet,
     "contrastive": ref_contrastive,
@@ -183,6 +293,8 @@ REFERENCES = {
     "supcon": ref_supcon,
     "infonce": ref_infonce,
 }
+# Every registered loss must have one (test_every_registered_loss_has_references).
+ALL_REFERENCES = {**REFERENCES, "arcface": ref_arcface}
 
 EMBEDDING_CONFIGS = (
     [("triplet", {"mining": m, "distance": d}) for m in ("batch_all", "batch_hard", "semi_hard")
@@ -343,24 +455,172 @@ def test_triplet_accuracy_matches_reference():
     assert fn is triplet_accuracy
 
 
+# --------------------------------------------------------------------------- query vs reference
+
+def query_and_reference(seed, n=10, m=8, dim=8, n_classes=4, normalise=True):
+    """Queries and references drawn around the same class centres (two towers that roughly agree)."""
+    rng = np.random.default_rng(100 + seed)
+    centres = rng.normal(size=(n_classes, dim))
+
+    def draw(count):
+        y = rng.integers(0, n_classes, count)
+        x = centres[y] + 0.9 * rng.normal(size=(count, dim))
+        if normalise:
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+        else:
+            x *= rng.uniform(0.3, 2.0, (count, 1))
+        return x.astype("float32"), y
+
+    return (*draw(n), *draw(m))
+
+
+def as_dicts(y, x, ref_y=None, ref_x=None):
+    """Keras's (y_true, y_pred) for a two-tower model."""
+    y_true = {"labels": y} if ref_y is None else {"labels": y, "ref_labels": ref_y}
+    y_pred = {"embeddings": x} if ref_x is None else {"embeddings": x, "ref_embeddings": ref_x}
+    return y_true, y_pred
+
+
+@pytest.mark.parametrize("name,params", EMBEDDING_CONFIGS, ids=CONFIG_IDS)
+def test_query_vs_reference_matches_brute_force_reference(name, params):
+    loss = get_loss(name, **params)
+    for seed in range(3):
+        for normalise in (True, False):
+            q, y, r, ry = query_and_reference(seed, n_classes=3 + seed % 2, normalise=normalise)
+            expected = CROSS_REFERENCES[name](q.astype("float64"), y, r.astype("float64"), ry, **params)
+            got = float(loss.compute(tf.constant(q), tf.constant(y), tf.constant(r), tf.constant(ry)))
+            np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL, err_msg=f"seed {seed}")
+            via_keras = float(loss(*as_dicts(y, q, ry, r)))
+            np.testing.assert_allclose(via_keras, expected, rtol=RTOL, atol=ATOL, err_msg=f"seed {seed}")
+    # Without ref_labels the references are paired row by row with the queries.
+    q, y, r, _ = query_and_reference(5, m=10)
+    expected = CROSS_REFERENCES[name](q.astype("float64"), y, r.astype("float64"), y, **params)
+    np.testing.assert_allclose(float(loss(y, {"embeddings": q, "ref_embeddings": r})), expected, rtol=RTOL,
+                               atol=ATOL)
+
+
+def scored_input(loss, x, n_classes=4):
+    """What `loss` scores for embeddings x: x itself, or cosine logits when it requires a classifier."""
+    if loss.requires_classifier:
+        keras.utils.set_random_seed(0)
+        return np.asarray(CosineClassifier(n_classes)(x))
+    return x
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_registered_loss_has_references_and_matches_them(name):
+    # A loss joins the registry only with a brute-force reference, and one for the
+    # query-vs-reference path when it accepts references.
+    assert name in ALL_REFERENCES, f"write a numpy reference for {name!r}"
+    loss = get_loss(name)
+    x, y = clustered_batch(4, n_classes=4)
+    scored = scored_input(loss, x)
+    np.testing.assert_allclose(float(loss(y, scored)), ALL_REFERENCES[name](scored.astype("float64"), y),
+                               rtol=RTOL, atol=ATOL)
+    # The dict form without references is the tensor form.
+    assert float(loss(*as_dicts(y, scored))) == float(loss(y, scored))
+    with pytest.raises(ValueError, match="ref_labels given without ref_embeddings"):
+        loss({"labels": y, "ref_labels": y}, {"embeddings": scored})
+    q, qy, r, ry = query_and_reference(4)
+    if not LOSSES[name].accepts_reference:
+        with pytest.raises(ValueError, match="reference"):
+            loss(*as_dicts(qy, scored_input(loss, q), ry, scored_input(loss, r)))
+        return
+    assert name in CROSS_REFERENCES, f"write a query-vs-reference numpy reference for {name!r}"
+    np.testing.assert_allclose(float(loss(*as_dicts(qy, q, ry, r))),
+                               CROSS_REFERENCES[name](q.astype("float64"), qy, r.astype("float64"), ry),
+                               rtol=RTOL, atol=ATOL)
+
+
+def reference_edge_batches():
+    rng = np.random.default_rng(8)
+    q = rng.normal(size=(5, 8))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    r = rng.normal(size=(4, 8))
+    r /= np.linalg.norm(r, axis=1, keepdims=True)
+    duplicates = r.copy()
+    duplicates[0], duplicates[1] = q[0], q[1]     # a positive and a negative at distance 0
+    return {
+        "no_positive": (q, np.arange(5), r, np.arange(5, 9)),
+        "one_class": (q, np.zeros(5, int), r, np.zeros(4, int)),
+        "duplicates": (q, np.array([0, 1, 2, 0, 1]), duplicates, np.array([0, 2, 1, 1])),
+        "one_query_one_reference": (q[:1], np.array([3]), r[:1], np.array([3])),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in LOSSES.items() if cls.accepts_reference))
+def test_reference_edge_batches_give_finite_loss_and_gradients(name):
+    loss = get_loss(name)
+    for case, (q, y, r, ry) in reference_edge_batches().items():
+        q_var, r_var = tf.Variable(q.astype("float32")), tf.Variable(r.astype("float32"))
+        with tf.GradientTape() as tape:
+            value = loss(*as_dicts(tf.constant(y, "float32"), q_var, tf.constant(ry, "float32"), r_var))
+        grads = tape.gradient(value, [q_var, r_var])
+        assert np.isfinite(float(value)), case
+        assert all(g is not None and np.isfinite(np.asarray(g)).all() for g in grads), case
+        tol = {"atol": 1e-3} if case == "duplicates" else {"rtol": RTOL, "atol": ATOL}
+        np.testing.assert_allclose(float(value), CROSS_REFERENCES[name](q, y, r, ry), err_msg=case, **tol)
+
+
+def test_triplet_accuracy_against_references_matches_reference():
+    for seed in range(3):
+        q, y, r, ry = query_and_reference(seed, normalise=seed % 2 == 0)
+        np.testing.assert_allclose(float(triplet_accuracy(*as_dicts(y, q, ry, r))),
+                                   cross_triplet_accuracy(q.astype("float64"), y, r.astype("float64"), ry),
+                                   rtol=1e-6)
+
+
+class TwoTowerModel(keras.Model):
+    """A model with {"embeddings", "ref_embeddings"} outputs whose loss sees both towers at once.
+
+    `model.compile` maps a single loss over each output of a dict-output model, so a two-tower
+    objective hands Keras's (y, y_pred) dicts to the loss itself; the loss needs nothing else.
+    """
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return self.loss(y, y_pred)
+
+
+def test_two_tower_model_trains_with_model_fit():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16,))
+    towers = {"embeddings": L2Normalize()(keras.layers.Dense(8)(inputs)),
+              "ref_embeddings": L2Normalize()(keras.layers.Dense(8)(inputs))}
+    model = TwoTowerModel(inputs, towers)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=get_loss("infonce"), jit_compile=False)
+    x, y = gaussian_classes(np.random.default_rng(1), 8)
+    history = model.fit(x, {"labels": y}, batch_size=16, epochs=3, verbose=0).history
+    assert len(history["loss"]) == 3 and np.isfinite(history["loss"]).all()
+    assert history["loss"][-1] < history["loss"][0]
+    # The logged loss is the loss of the whole batch, query tower against reference tower.
+    out = model(x[:16])
+    np.testing.assert_allclose(float(model.loss({"labels": y[:16]}, out)),
+                               cross_infonce(np.asarray(out["embeddings"], "float64"), y[:16],
+                                             np.asarray(out["ref_embeddings"], "float64"), y[:16]),
+                               rtol=RTOL, atol=ATOL)
+
+
 # --------------------------------------------------------------------------- edge cases
 
-ALL_CONFIGS = EMBEDDING_CONFIGS + [("arcface", {})]
+# The hand-picked configurations above plus every registered loss at its defaults.
+ALL_CONFIGS = EMBEDDING_CONFIGS + [(name, {}) for name in sorted(LOSSES)
+                                   if name not in {n for n, _ in EMBEDDING_CONFIGS}]
+ALL_IDS = CONFIG_IDS + [name for name, _ in ALL_CONFIGS[len(EMBEDDING_CONFIGS):]]
 
 
-@pytest.mark.parametrize("name,params", ALL_CONFIGS, ids=CONFIG_IDS + ["arcface"])
+@pytest.mark.parametrize("name,params", ALL_CONFIGS, ids=ALL_IDS)
 def test_edge_batches_give_finite_loss_and_gradients(name, params):
     loss = get_loss(name, **params)
     for case, (x, y) in edge_batches().items():
-        if name == "arcface":
+        if loss.requires_classifier:
             x = x[:, :6]      # cosine logits over 6 classes: every label is in range
         value, grad = loss_and_grad(loss, y, x)
         assert np.isfinite(float(value)), case
         assert grad is not None and np.isfinite(np.asarray(grad)).all(), case
-        if name == "arcface":
-            expected = ref_arcface(np.clip(x, -1, 1).astype("float64"), y)
+        if loss.requires_classifier:
+            expected = ALL_REFERENCES[name](np.clip(x, -1, 1).astype("float64"), y, **params)
         else:
-            expected = REFERENCES[name](x.astype("float64"), y, **params)
+            expected = ALL_REFERENCES[name](x.astype("float64"), y, **params)
         # Rounding noise in the Gram-matrix distance of identical rows is ~1e-4.
         tol = {"atol": 1e-3} if case == "duplicates" else {"rtol": RTOL, "atol": ATOL}
         np.testing.assert_allclose(float(value), expected, err_msg=case, **tol)
@@ -400,7 +660,7 @@ def test_float16_embeddings_are_scored_in_float32(name):
     np.testing.assert_allclose(float(out), float(get_loss(name)(y, x)), rtol=2e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize("name,params", ALL_CONFIGS, ids=CONFIG_IDS + ["arcface"])
+@pytest.mark.parametrize("name,params", ALL_CONFIGS, ids=ALL_IDS)
 def test_inside_tf_function_with_dynamic_batch(name, params):
     loss = get_loss(name, **params)
     graph_loss = tf.function(lambda y, x: loss(y, x), input_signature=[
@@ -424,6 +684,7 @@ PARAMS = {
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_config_and_serialisation_round_trip(name):
+    assert name in PARAMS, f"give PARAMS non-default constructor arguments for {name!r}"
     loss = get_loss(name, **PARAMS[name])
     config = loss.get_config()
     assert {k: config[k] for k in PARAMS[name]} == PARAMS[name]
@@ -444,7 +705,7 @@ def test_registry_and_get_loss():
     for name, cls in LOSSES.items():
         loss = get_loss(name)
         assert isinstance(loss, cls) and isinstance(loss, keras.losses.Loss)
-        assert loss.name == name
+        assert loss.name == name and cls.registry_name == name
         assert cls.requires_classifier is (name == "arcface")
     assert get_loss("triplet", margin=0.7, mining="batch_all").margin == 0.7
     with pytest.raises(ValueError, match="known losses: arcface, contrastive"):
@@ -455,6 +716,50 @@ def test_registry_and_get_loss():
         get_loss("contrastive", distance="manhattan")
     with pytest.raises(ValueError, match="temperature"):
         get_loss("supcon", temperature=0.0)
+
+
+def test_loss_names_are_listed_without_importing_keras():
+    """A configuration's loss names are checked before TensorFlow loads (the CLI answers in a fraction of a second)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from models.losses.registry import LOSS_NAMES; "
+            "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules, sorted(sys.modules); "
+            "print(','.join(LOSS_NAMES))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip().split(",") == list(LOSSES)
+
+
+@pytest.mark.parametrize("module", ["models.losses", "models.losses.registry"])
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_configs_saved_before_the_split_still_load(name, module):
+    # Saved models name the module that defined the class when they were written: models/losses.py before
+    # the package, models/losses/registry.py before the split into families. The registered name decides.
+    loss = get_loss(name, **PARAMS[name])
+    saved = {**keras.saving.serialize_keras_object(loss), "module": module}
+    restored = keras.saving.deserialize_keras_object(saved)
+    assert type(restored) is type(loss) and restored.get_config() == loss.get_config()
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_each_loss_says_what_it_needs(name):
+    # Trainers read these instead of testing a loss by name.
+    cls = LOSSES[name]
+    assert isinstance(cls.requires_classifier, bool) and isinstance(cls.accepts_reference, bool)
+    assert cls.training_metrics() == ([] if cls.requires_classifier else [triplet_accuracy])
+    assert not (cls.requires_classifier and cls.accepts_reference)
+
+
+def test_unknown_dict_keys_are_refused():
+    x, y = clustered_batch(0)
+    loss = get_loss("supcon")
+    with pytest.raises(ValueError, match="'embeddings'"):
+        loss({"labels": y}, {"embedding": x})
+    with pytest.raises(ValueError, match="'labels'"):
+        loss({"label": y}, {"embeddings": x})
+    with pytest.raises(ValueError, match="ref_labels given without ref_embeddings"):
+        loss.compute(x, y, ref_labels=y)
 
 
 # --------------------------------------------------------------------------- training

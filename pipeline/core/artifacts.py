@@ -1,0 +1,229 @@
+"""The artifact formats: one reader and one writer per artifact, the fingerprints, one "up to date" rule.
+
+    tfrecords/<dataset>/dataset.json     phase 0's summary, written last (`load_dataset_meta`)
+    runs/<run>/dataset_ref.json          which dataset build the run was made on (`write_dataset_ref`)
+    runs/<run>/embeddings/<tag>/         an embedding set (`write_embedding_artifacts`, `load_embeddings`)
+        items.csv, embeddings.npy, features_raw.npy, embeddings.json, index.faiss, meta.json (last)
+
+An artifact is current when its stored fingerprint equals the fingerprint of the settings and
+inputs that would produce it now (`is_current`). Every phase checks the fingerprints it depends
+on, so a run never reads another run's data without saying so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+import numpy as np
+
+from pipeline.core import atomic
+from pipeline.core.errors import PhaseInputError
+
+# Functions taking `run_dir` take a pipeline.core.run_dir.RunDir; not imported, as run_dir imports this module.
+DATASET_JSON = "dataset.json"
+MANIFEST_CSV = "manifest.csv"
+REJECTS_CSV = "rejects.csv"
+DATASET_REF_JSON = "dataset_ref.json"
+META_JSON = "meta.json"
+ITEMS_CSV = "items.csv"
+# Text columns stay text ("001" is a class name, not 1; an empty group is "", not NaN).
+ITEMS_DTYPES = {"id": str, "split": str, "label_name": str, "path": str, "text": str, "group": str}
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def fingerprint_of(obj) -> str:
+    """A short stable hash of JSON-able settings: an artifact is up to date when its stored
+    fingerprint equals the one of the settings and inputs that would produce it now."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def recorded_fingerprint(path: Path, key: str = "fingerprint"):
+    """The fingerprint a JSON artifact records, or None when it is missing or unreadable."""
+    try:
+        recorded = atomic.read_json(path)
+    except (OSError, ValueError):
+        return None
+    return recorded.get(key) if isinstance(recorded, dict) else None
+
+
+def is_current(meta_path: Path, fingerprint: str) -> bool:
+    """THE up-to-date rule: the artifact's completion record exists and carries `fingerprint`."""
+    return fingerprint is not None and recorded_fingerprint(Path(meta_path)) == fingerprint
+
+
+def dataset_settings(data) -> dict:
+    """The data settings that decide which images land in which split (a DataConfig, or a dataset.json's
+    record of one). Not shard_size: it only cuts the same records into other files, rebuilt in place."""
+    if dataclasses.is_dataclass(data):
+        data = dataclasses.asdict(data)
+    fields = ("source", "split", "class_order", "ratios", "seed", "label_from", "max_side", "limit_per_class")
+    settings = {k: data.get(k) for k in fields}
+    settings["ratios"] = [float(r) for r in settings["ratios"] or []]
+    return settings
+
+
+def dataset_settings_key(data) -> str:
+    """Eight hex digits that tell datasets built from one source with other settings apart."""
+    return fingerprint_of(dataset_settings(data))[:8]
+
+
+def extraction_fingerprint(dataset_meta: dict, backbone, settings) -> str:
+    """What a phase-1 embedding set was computed from."""
+    return fingerprint_of({
+        "dataset": dataset_meta.get("fingerprint"), "backbone": backbone.fingerprint_fields(),
+        "splits": settings.splits, "dtype": settings.dtype, "index": settings.index, "json": settings.write_json,
+    })
+
+
+def evaluation_fingerprint(emb_meta: dict, settings) -> str:
+    """What a metrics.json was computed from: these embeddings, under these settings."""
+    return fingerprint_of({"embeddings": emb_meta.get("fingerprint"), "created": emb_meta.get("created"),
+                           "settings": dataclasses.asdict(settings)})
+
+
+def trained_embeddings_fingerprint(training: dict, extract) -> str:
+    """What phase-4 embeddings were computed from: this training (its settings and the
+    moment it finished, so a forced retrain under the same settings counts as new) and
+    these storage settings."""
+    return fingerprint_of({"training": training.get("fingerprint"), "finished": training.get("created"),
+                           "dtype": extract.dtype, "index": extract.index})
+
+
+def trained_tag(tag: str, loss: str) -> str:
+    return f"{tag}+{loss}"
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+def dataset_is_current(folder: Path, fingerprint: str) -> bool:
+    """dataset.json carries `fingerprint` and every file it names is there."""
+    if not is_current(folder / DATASET_JSON, fingerprint):
+        return False
+    summary = atomic.read_json(folder / DATASET_JSON)
+    shard_names = [name for names in summary.get("shards", {}).values() for name in names]
+    return all((folder / name).is_file() for name in [MANIFEST_CSV, REJECTS_CSV, *shard_names])
+
+
+def write_dataset_ref(run_dir, folder: Path, summary: dict) -> None:
+    """Record in the run which dataset build it is made on (phase 0 writes this)."""
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    # The folder's name, not its path: the run still finds it when tfrecords_dir is given another way.
+    atomic.write_json(run_dir.dataset_ref, {"folder": Path(folder).name, "name": summary.get("name"),
+                                            "fingerprint": summary.get("fingerprint")})
+
+
+def read_dataset_ref(path: Path) -> dict | None:
+    try:
+        ref = atomic.read_json(path)
+    except (OSError, ValueError):
+        return None
+    return ref if isinstance(ref, dict) and ref.get("folder") else None
+
+
+def load_dataset_meta(run_dir) -> dict:
+    """dataset.json of the run's dataset, after checking that it is the build the run was made on."""
+    folder = run_dir.dataset_dir
+    ref = read_dataset_ref(run_dir.dataset_ref)
+    name = run_dir.config.name
+    if ref is None and not run_dir.names_its_dataset:
+        raise PhaseInputError(
+            f"run {name!r} has no dataset: phase 0 was not run for it and no source is configured; "
+            f"run `python run.py phase0 --run {name} --source <images>` first")
+    path = folder / DATASET_JSON
+    if not path.is_file():
+        raise PhaseInputError(f"no phase-0 output at {folder} (dataset.json missing) for run {name!r}: "
+                              "run `python run.py phase0` first")
+    meta = atomic.read_json(path)
+    if ref is not None and ref.get("fingerprint") != meta.get("fingerprint"):
+        raise PhaseInputError(
+            f"the dataset in {folder} was rebuilt (by another run, or from a changed source) since run {name!r} "
+            f"was made on it: run `python run.py phase0 --run {name}` to rebuild the run's own dataset")
+    return meta
+
+
+def dataset_label(run_dir, dataset_meta: dict) -> str:
+    """How logs name the dataset a phase reads: its name and folder."""
+    return f"dataset {dataset_meta.get('name') or run_dir.dataset_dir.name} ({run_dir.dataset_dir})"
+
+
+# --------------------------------------------------------------------------- embedding sets
+
+
+def read_items(emb_dir: Path):
+    import pandas as pd
+
+    return pd.read_csv(emb_dir / ITEMS_CSV, keep_default_na=False, dtype=ITEMS_DTYPES)
+
+
+def check_embeddings_dataset(emb_dir: Path, emb_meta: dict, dataset_meta: dict | None, name: str = "") -> None:
+    """Embeddings extracted from another build of the dataset than the run's must not be read as its own."""
+    if dataset_meta is None or emb_meta.get("dataset_fingerprint") is None:
+        return
+    if emb_meta["dataset_fingerprint"] != dataset_meta.get("fingerprint"):
+        run = f" --run {name}" if name else ""
+        raise PhaseInputError(f"the embeddings in {emb_dir} were extracted from another build of the dataset than "
+                              f"the run's ({dataset_meta.get('name')}): run `python run.py phase1{run}` again")
+
+
+def load_embeddings(emb_dir: Path, dataset_meta: dict | None = None, run_name: str = ""):
+    """(items, unit, raw, meta) of a finished embedding set; with `dataset_meta`, checked to be of that dataset."""
+    if not (emb_dir / META_JSON).is_file():
+        raise PhaseInputError(f"no finished phase-1 output in {emb_dir}: run `python run.py phase1` first")
+    meta = atomic.read_json(emb_dir / META_JSON)
+    check_embeddings_dataset(emb_dir, meta, dataset_meta, run_name)
+    items = read_items(emb_dir)
+    unit = np.load(emb_dir / "embeddings.npy").astype(np.float32, copy=False)
+    raw = np.load(emb_dir / "features_raw.npy").astype(np.float32, copy=False)
+    if not (len(items) == len(unit) == len(raw)):
+        raise PhaseInputError(f"{emb_dir}: items.csv, embeddings.npy and features_raw.npy disagree in length")
+    return items, unit, raw, meta
+
+
+def load_phase1_features(emb_dir: Path, dataset_meta: dict | None = None) -> dict:
+    """items.csv, features_raw.npy and meta.json of a finished phase-1 run (what phase 3 trains on)."""
+    for name in (META_JSON, ITEMS_CSV, "features_raw.npy"):
+        if not (emb_dir / name).is_file():
+            raise PhaseInputError(f"no finished phase-1 output in {emb_dir} ({name} missing): run phase1 first "
+                                  "(`python run.py phase1`)")
+    meta = atomic.read_json(emb_dir / META_JSON)
+    check_embeddings_dataset(emb_dir, meta, dataset_meta)
+    items = read_items(emb_dir)
+    features = np.load(emb_dir / "features_raw.npy").astype(np.float32, copy=False)
+    if len(items) != len(features) or features.ndim != 2:
+        raise PhaseInputError(f"{emb_dir}: items.csv ({len(items)} rows) and features_raw.npy {features.shape} "
+                              "disagree: run phase1 again")
+    return {"items": items, "features": features, "meta": meta, "dir": emb_dir}
+
+
+def write_embedding_artifacts(out: Path, items, raw: np.ndarray, unit: np.ndarray, settings) -> None:
+    """The files every embedding directory holds but meta.json (phase 1, and phase 4 for trained models);
+    the caller writes meta.json last, once these are complete."""
+    from pipeline.vectors.index import build_index, save_index
+
+    dtype = np.float16 if settings.dtype == "float16" else np.float32
+    with atomic.atomic_open(out / ITEMS_CSV, "w", encoding="utf-8", newline="") as f:
+        items.to_csv(f, index=False)
+    atomic.save_npy(out / "embeddings.npy", unit.astype(dtype))
+    atomic.save_npy(out / "features_raw.npy", raw.astype(dtype))
+    save_index(build_index(unit, settings.index), out / "index.faiss")
+    if settings.write_json:
+        write_embeddings_json(out / "embeddings.json", items, unit)
+
+
+def write_embeddings_json(path: Path, items, unit: np.ndarray, chunk: int = 2048) -> None:
+    """Stream the JSON array so memory stays flat however many items there are."""
+    records = items[["id", "label", "label_name", "split", "path"]].to_dict("records")
+    with atomic.atomic_open(path, "w", encoding="utf-8") as f:
+        f.write("[\n")
+        for start in range(0, len(unit), chunk):
+            vectors = np.round(unit[start:start + chunk].astype(np.float64), 6).tolist()
+            lines = []
+            for record, vector in zip(records[start:start + chunk], vectors):
+                lines.append(json.dumps({**record, "label": int(record["label"]), "vector": vector}))
+            f.write(",\n".join(lines))
+            f.write(",\n" if start + chunk < len(unit) else "\n")
+        f.write("]\n")

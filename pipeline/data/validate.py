@@ -1,0 +1,146 @@
+"""Decode and normalise every candidate image of phase 0, in worker processes when it pays off.
+
+Accepted images are spilled to one temporary file (their encoded bytes), so memory stays flat
+however large the source; `Accepted` says where each one's bytes sit.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import os
+import random
+from collections import Counter, defaultdict, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+
+from tqdm import tqdm
+
+from pipeline.config import DataConfig
+from pipeline.data import images
+from pipeline.data.sources import SourceItem
+
+log = logging.getLogger("embedlab.ingest")
+
+# Below this many images a worker pool costs more to start than it saves.
+MIN_ITEMS_FOR_POOL = 64
+
+
+@dataclass(frozen=True)
+class Accepted:
+    item: SourceItem
+    sha256: str
+    format: str
+    width: int
+    height: int
+    reencoded: bool
+    offset: int     # where the encoded bytes sit in the spill file
+    length: int
+
+
+def worker_count(data: DataConfig) -> int:
+    if data.workers:
+        return data.workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class Validator:
+    """Runs images.normalize over items, in worker processes when it pays off.
+
+    The executor starts lazily and is reused across the refill rounds of
+    limit_per_class. "spawn" rather than fork: the parent may have TensorFlow (and
+    its threads) loaded, and forking a threaded process can deadlock the child.
+    ProcessPoolExecutor rather than Pool because it notices workers that die (e.g.
+    spawn cannot re-import a `python -` script), where Pool would respawn them
+    forever; then the remaining items are done in this process.
+    """
+
+    def __init__(self, workers: int, max_side: int) -> None:
+        self.workers = workers
+        self.fn = functools.partial(images.normalize, max_side=max_side)
+        self.executor: ProcessPoolExecutor | None = None
+
+    def __call__(self, items: Sequence[SourceItem]) -> Iterator[images.ImageResult]:
+        payloads = [item.payload for item in items]
+        bar = tqdm(total=len(items), desc="phase 0: validating", unit="img", disable=None)
+        done = 0
+        try:
+            if self.workers > 1 and len(items) >= MIN_ITEMS_FOR_POOL:
+                if self.executor is None:
+                    self.executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+                chunk = max(1, min(256, len(items) // (self.workers * 8)))
+                try:
+                    # map (not as_completed): results come back in input order.
+                    for result in self.executor.map(self.fn, payloads, chunksize=chunk):
+                        done += 1
+                        bar.update()
+                        yield result
+                except BrokenProcessPool as exc:
+                    log.warning("phase 0: worker processes failed (%s); validating in this process", exc)
+                    self.close()
+                    self.workers = 1
+            for payload in payloads[done:]:
+                result = self.fn(payload)
+                bar.update()
+                yield result
+        finally:
+            bar.close()
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
+
+
+def validate(candidates: list[SourceItem], data: DataConfig, spill) -> tuple[list[Accepted], list[tuple[str, str]]]:
+    """Decode every candidate (or, with limit_per_class, a seeded sample per class,
+    topped up from the same shuffled order when sampled images turn out bad)."""
+    accepted: list[Accepted] = []
+    rejects: list[tuple[str, str]] = []
+    validator = Validator(worker_count(data), data.max_side)
+
+    def run(batch: list[SourceItem]) -> Counter:
+        good = Counter()
+        for item, res in zip(batch, validator(batch)):
+            if not res.ok:
+                rejects.append((item.path or item.id, res.reason))
+                continue
+            offset = spill.tell()
+            spill.write(res.data)
+            accepted.append(Accepted(
+                item, res.sha256, res.format, res.width, res.height, res.reencoded, offset, len(res.data),
+            ))
+            good[item.label_name] += 1
+        return good
+
+    try:
+        if data.limit_per_class <= 0:
+            run(candidates)
+        else:
+            by_class: dict[str, list[SourceItem]] = defaultdict(list)
+            for item in candidates:
+                by_class[item.label_name].append(item)
+            queues = {}
+            for label, members in by_class.items():
+                members.sort(key=lambda item: item.id)
+                random.Random(f"{data.seed}:limit:{label}").shuffle(members)
+                queues[label] = deque(members)
+            need = {label: data.limit_per_class for label in queues}
+            while True:
+                batch = [
+                    queues[label].popleft()
+                    for label in sorted(queues)
+                    for _ in range(min(need[label], len(queues[label])))
+                ]
+                if not batch:
+                    break
+                for label, n in run(batch).items():
+                    need[label] -= n
+    finally:
+        validator.close()
+    return accepted, rejects

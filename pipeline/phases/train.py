@@ -1,0 +1,101 @@
+"""Phase 3: train one embedding model per (backbone, loss), in the configured mode.
+
+"head" (pipeline/training/head.py) trains a head on the cached phase-1 features and, when
+`train.export` is on, exports the image-level model (backbone + head); "finetune"
+(pipeline/training/finetune.py) trains the trunk's last layers and the head on images.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from collections.abc import Sequence
+
+from pipeline.config import ConfigError, RunConfig, TrainConfig
+from pipeline.core.distribute import is_chief, training_strategy
+from pipeline.core.run_dir import RunDir, backbone_tag
+from pipeline.training.loop import dtype_policy
+
+log = logging.getLogger("embedlab.train")
+
+
+def run_train(config: RunConfig, force: bool = False, *, extra_callbacks: Sequence = ()) -> list[Path]:
+    """Train one model per (backbone, loss); returns their output folders.
+
+    `extra_callbacks` are appended after the built-in Keras callbacks of every fit.
+    """
+    settings = config.train
+    _check_settings(settings)
+    run_dir = RunDir(config)
+    with dtype_policy("mixed_float16" if settings.mixed_precision else "float32"):
+        # Before any other TensorFlow work: a multi-worker strategy must be created first.
+        strategy = training_strategy(settings.devices)
+        if settings.mode == "finetune":
+            return _train_finetune(config, run_dir, settings, strategy, force, extra_callbacks)
+        return _train_heads(config, run_dir, settings, strategy, force, extra_callbacks)
+
+
+def _check_settings(settings: TrainConfig) -> None:
+    from models.losses import LOSSES
+
+    unknown = [name for name in settings.losses if name not in LOSSES]
+    if unknown or not settings.losses:
+        raise ConfigError(f"train.losses: unknown or no loss {unknown}; known: {sorted(LOSSES)}")
+    for key in ("n_classes_per_batch", "n_samples_per_class"):
+        if getattr(settings, key) < 2:
+            raise ConfigError(f"train.{key} must be at least 2")
+    if settings.epochs < 1 or settings.steps_per_epoch < 0 or settings.embedding_dim < 1:
+        raise ConfigError("train.epochs and train.embedding_dim must be positive, train.steps_per_epoch >= 0")
+    if settings.finetune_layers < 0 or settings.finetune_learning_rate <= 0 or settings.learning_rate <= 0:
+        raise ConfigError("train.finetune_layers must be >= 0, train.learning_rate and "
+                          "train.finetune_learning_rate positive")
+
+
+def _train_finetune(config: RunConfig, run_dir: RunDir, settings: TrainConfig, strategy, force: bool,
+                    extra_callbacks) -> list[Path]:
+    from pipeline.training.finetune import train_finetune
+
+    return [train_finetune(run_dir, backbone, backbone_tag(backbone), loss_name, settings, strategy, force=force,
+                           extra_callbacks=extra_callbacks)
+            for backbone in config.extract.backbones for loss_name in settings.losses]
+
+
+def _train_heads(config: RunConfig, run_dir: RunDir, settings: TrainConfig, strategy, force: bool,
+                 extra_callbacks) -> list[Path]:
+    from pipeline.training.head import train_head
+    from pipeline.core.artifacts import load_dataset_meta, load_phase1_features
+
+    # Head mode reads only phase-1 features; where the run records its dataset build, those
+    # features must come from that build.
+    dataset_meta = load_dataset_meta(run_dir) if run_dir.dataset_ref.is_file() else None
+    outputs = []
+    for backbone in config.extract.backbones:
+        tag = backbone_tag(backbone)
+        phase1 = load_phase1_features(run_dir.embeddings_dir(tag), dataset_meta)
+        for loss_name in settings.losses:
+            out = train_head(run_dir, tag, phase1, loss_name, settings, strategy, force=force,
+                             extra_callbacks=extra_callbacks)
+            outputs.append(out)
+            if not is_chief(strategy):
+                continue   # the chief exports; other workers' copies stay in their scratch folder
+            if settings.export and _export_outdated(out, force):
+                _export_head_model(run_dir, backbone, tag, loss_name, phase1)
+    return outputs
+
+
+def _export_outdated(out: Path, force: bool) -> bool:
+    export = out / "export.json"
+    return force or not export.is_file() or export.stat().st_mtime < (out / "training.json").stat().st_mtime
+
+
+def _export_head_model(run_dir: RunDir, backbone, tag: str, loss_name: str, phase1: dict) -> None:
+    from pipeline.serving.model_export import export_embedding_model, not_exportable, probe_batch
+
+    reason = not_exportable(phase1["meta"])
+    if reason:
+        log.warning("phase 3: no image-level export for %s/%s: %s", tag, loss_name, reason)
+        return
+    images, features = probe_batch(run_dir, phase1["items"], phase1["features"], phase1["meta"]["image_size"])
+    # The backbone is rebuilt in float32 (the head keeps the policy it was trained
+    # with); model_export allows for float16 rounding when phase 1 ran in mixed precision.
+    with dtype_policy("float32"):
+        export_embedding_model(run_dir, backbone, loss_name, phase1["meta"], images, features)

@@ -1,0 +1,180 @@
+"""The Keras callbacks every phase-3 fit runs with, and the list they form.
+
+RetrievalValidation scores each epoch the way the model will be used (retrieval,
+leave-one-out, by cosine); the callbacks after it in the list (early stopping, the
+learning-rate schedule, checkpoints, the CSV log, the epoch backup) read its scores.
+RestoreMonitorState gives a resumed fit the early-stopping and learning-rate state of
+the epochs it already ran.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from collections.abc import Callable
+
+import keras
+import numpy as np
+
+from pipeline.config import TrainConfig
+from pipeline.training.checkpoints import EpochBackup
+
+log = logging.getLogger("embedlab.train")
+
+MONITOR = "val_MAP@R"
+VAL_METRICS = ("P@1", "MAP@R")
+
+
+class RetrievalValidation(keras.callbacks.Callback):
+    """Adds val_P@1 and val_MAP@R (cosine, leave-one-out) of the head's embeddings to each epoch's logs.
+
+    Must come first in the callback list: Keras hands one logs dict to the callbacks
+    in order, so EarlyStopping, checkpoints and loggers placed after it see the keys.
+    """
+
+    def __init__(self, head, features: np.ndarray | None, labels: np.ndarray, batch_size: int = 1024,
+                 embed: Callable[[], np.ndarray] | None = None):
+        super().__init__()
+        self.head = head
+        self.features = None if features is None else np.asarray(features, dtype=np.float32)
+        self.labels = np.asarray(labels)
+        self.batch_size = batch_size
+        # Finetune mode has no cached features: `embed` runs the model over the validation images.
+        self.embed = embed or (lambda: self.head.predict(self.features, batch_size=self.batch_size, verbose=0))
+        self.initial: dict | None = None   # scores of the head before any training step
+        self.seconds = 0.0
+
+    def evaluate(self) -> dict:
+        from pipeline.vectors.retrieval import retrieve
+
+        started = time.perf_counter()
+        try:
+            embeddings = np.asarray(self.embed())
+            if not np.isfinite(embeddings).all():
+                return {name: float("nan") for name in VAL_METRICS}
+            # Same object as query and gallery: retrieve normalises it once, and
+            # exclude drops each item from its own ranking.
+            result = retrieve(embeddings, self.labels, embeddings, self.labels, metric="cosine", k=1,
+                              exclude=np.arange(len(embeddings)))
+            return {name: float(result.metrics[name]) for name in VAL_METRICS}
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def on_train_begin(self, logs=None):
+        # Runs before EpochBackup (later in the list) loads a backup, so on a
+        # resumed run too this scores the freshly initialised head.
+        self.initial = self.evaluate()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        loss = logs.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            scores = {name: float("nan") for name in VAL_METRICS}   # diverged: nothing to score
+        else:
+            scores = self.evaluate()
+        for name, value in scores.items():
+            logs[f"val_{name}"] = value
+
+
+class PeriodicCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint at every `every`-th epoch, counted from the run's start.
+
+    Counting epochs (not batches, as save_freq=int does) keeps the schedule aligned
+    when a fit is resumed part-way.
+    """
+
+    def __init__(self, filepath: str, every: int, **kwargs):
+        super().__init__(filepath, **kwargs)
+        self.every = max(1, int(every))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every == 0:
+            super().on_epoch_end(epoch, logs)
+
+
+class RestoreMonitorState(keras.callbacks.Callback):
+    """After a resume, gives EarlyStopping and ReduceLROnPlateau the state of the epochs already run.
+
+    Both reset themselves in on_train_begin; without this, patience would restart
+    and the pre-interruption best score would be forgotten. The logged scores are
+    replayed through each callback's own rule (its min_delta, ReduceLROnPlateau's
+    cooldown), so the resumed run stops and lowers the rate where an uninterrupted
+    one would. Must follow them in the list.
+    """
+
+    def __init__(self, history, early_stopping, reduce_lr):
+        super().__init__()
+        self.history = history
+        self.monitors = (early_stopping, reduce_lr)
+
+    def on_train_begin(self, logs=None):
+        early_stopping, reduce_lr = self.monitors
+        for callback in self.monitors:
+            if callback.monitor_op is None:
+                callback._set_monitor_op()
+        rates = self.history["learning_rate"].to_numpy(dtype=float) if "learning_rate" in self.history else None
+        for row, (epoch, score) in enumerate(zip(self.history["epoch"].to_numpy(dtype=int),
+                                                 self.history[MONITOR].to_numpy(dtype=float))):
+            _replay_early_stopping(early_stopping, int(epoch), float(score))
+            _replay_reduce_lr(reduce_lr, float(score), None if rates is None else float(rates[row]))
+
+
+def _replay_early_stopping(callback, epoch: int, score: float) -> None:
+    """EarlyStopping.on_epoch_end's bookkeeping for one logged epoch (weights and stopping aside)."""
+    callback.wait += 1
+    if callback._is_improvement(score, callback.best):
+        callback.best, callback.best_epoch, callback.wait = score, epoch, 0
+
+
+def _replay_reduce_lr(callback, score: float, learning_rate: float | None) -> None:
+    """ReduceLROnPlateau.on_epoch_end's bookkeeping for one logged epoch; the rate itself
+    comes back with the optimizer state."""
+    if callback.in_cooldown():
+        callback.cooldown_counter -= 1
+        callback.wait = 0
+    if callback._is_improvement(score, callback.best):
+        callback.best, callback.wait = score, 0
+    elif not callback.in_cooldown():
+        callback.wait += 1
+        if callback.wait >= callback.patience and (learning_rate is None or learning_rate > callback.min_lr):
+            callback.cooldown_counter, callback.wait = callback.cooldown, 0
+
+
+def training_callbacks(out: Path, settings: TrainConfig, validator: RetrievalValidation, extra, resume) -> list:
+    """The callbacks of one fit, in the order they must run; `resume` is loop.begin_training's Resume."""
+    previous = resume.history
+    checkpoints = out / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    early_stopping = keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max",
+                                                   patience=settings.early_stopping_patience,
+                                                   restore_best_weights=True)
+    reduce_lr = keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", patience=settings.reduce_lr_patience)
+    callbacks = [
+        validator,  # first: the callbacks below read what it adds to the logs
+        keras.callbacks.TerminateOnNaN(),
+        early_stopping,
+        reduce_lr,
+        PeriodicCheckpoint(str(checkpoints / "epoch_{epoch:03d}.weights.h5"), settings.checkpoint_every,
+                           save_weights_only=True),
+        # Before the backup's commit: if a run dies between the two, the epoch is logged
+        # and then redone (begin_training trims the log to the committed epochs).
+        keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
+        # Last: it commits what the callbacks above produced (scores, learning rate).
+        EpochBackup(out / "backup", checkpoints / "best.weights.h5", MONITOR, resume_from=resume.epoch or None,
+                    finished=resume.fit_finished),
+    ]
+    if len(previous):
+        callbacks.append(RestoreMonitorState(previous, early_stopping, reduce_lr))
+    if _tensorboard_available():
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), write_graph=False))
+    else:
+        log.info("phase 3: the tensorboard package is not installed; no TensorBoard logs (pip install tensorboard)")
+    return callbacks + list(extra)
+
+
+def _tensorboard_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None

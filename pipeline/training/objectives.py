@@ -1,0 +1,110 @@
+"""Objectives: how a loss wraps the embedding model for training (the role keras-hub's `Task` plays).
+
+A trainer (head.py, finetune.py) builds the embedding model it will save; the objective
+decides what is trained around it and with which labels, so no trainer asks a loss
+how it trains:
+
+    EmbeddingObjective    the loss sees the embeddings themselves (triplet, contrastive,
+                          multi-similarity, SupCon, InfoNCE); the training model is the
+                          embedding model
+    ClassifierObjective   the loss sees the logits of a cosine classifier over the
+                          training classes (ArcFace); the classifier exists for training
+                          only and is never part of the saved model
+
+Another way of training is one more subclass: e.g. two towers (image and text, each
+embedded and compared across), or a teacher (a frozen model whose embeddings are the
+student's targets), each overriding `training_labels`, `training_model` and the summaries.
+`objective_for` chooses the class from what the loss declares (`requires_classifier`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.training.loop import jsonable
+
+
+class EmbeddingObjective:
+    """The loss is computed on the embedding model's own output, from the items' keys."""
+
+    kind = "embeddings"
+
+    def __init__(self, loss_name: str, loss, loss_params: dict):
+        self.loss_name, self.loss, self.loss_params = loss_name, loss, dict(loss_params)
+
+    def fingerprint(self) -> dict:
+        """What a trained model's fingerprint holds of its objective: the loss's full
+        configuration, defaults included (a changed default retrains)."""
+        return {"loss": self.loss_name, "loss_config": jsonable(self.loss.get_config())}
+
+    def training_labels(self, keys: np.ndarray) -> np.ndarray:
+        """The labels the loss is fed for training items with these pair keys."""
+        return keys
+
+    def training_model(self, embedding_model, inputs=None):
+        """The model that is compiled and fitted: here the embedding model itself."""
+        return embedding_model
+
+    def metrics(self) -> list:
+        from models.losses import triplet_accuracy
+
+        return [triplet_accuracy]
+
+    def compile(self, embedding_model, optimizer, jit_compile: bool, inputs=None):
+        """The training model around `embedding_model`, compiled (call under the strategy's scope)."""
+        model = self.training_model(embedding_model, inputs)
+        model.compile(optimizer=optimizer, loss=self.loss, metrics=self.metrics(), jit_compile=jit_compile)
+        return model
+
+    def loss_summary(self) -> dict:
+        return {"loss": self.loss_name, "loss_params": self.loss_params,
+                "loss_config": jsonable(self.loss.get_config())}
+
+    def model_summary(self) -> dict:
+        return {"objective": self.kind, "requires_classifier": False, "n_classifier_classes": None}
+
+
+class ClassifierObjective(EmbeddingObjective):
+    """The loss is computed on a cosine classifier over the embeddings (ArcFace): one weight
+    row per training class, trained alongside and dropped when the model is saved."""
+
+    kind = "classifier"
+
+    def __init__(self, loss_name: str, loss, loss_params: dict):
+        super().__init__(loss_name, loss, loss_params)
+        self.classes: np.ndarray | None = None
+
+    def training_labels(self, keys: np.ndarray) -> np.ndarray:
+        # The classifier's logits are indexed 0..C-1, whatever the dataset's labels are.
+        self.classes = np.unique(keys)
+        return np.searchsorted(self.classes, keys)
+
+    def training_model(self, embedding_model, inputs=None):
+        """Embedding model -> CosineClassifier. With `inputs`, the embedding model is applied
+        to them as one nested layer (head mode); else the classifier extends its graph."""
+        import keras
+
+        from models.classifier import CosineClassifier
+
+        if self.classes is None:
+            raise RuntimeError("ClassifierObjective.training_labels must run before training_model")
+        embeddings = embedding_model(inputs) if inputs is not None else embedding_model.output
+        logits = CosineClassifier(len(self.classes), name="cosine_classifier")(embeddings)
+        return keras.Model(embedding_model.input if inputs is None else inputs, logits,
+                           name=f"{embedding_model.name}_with_classifier")
+
+    def metrics(self) -> list:
+        return []
+
+    def model_summary(self) -> dict:
+        return {"objective": self.kind, "requires_classifier": True,
+                "n_classifier_classes": None if self.classes is None else int(self.classes.size)}
+
+
+def objective_for(loss_name: str, loss_params: dict | None = None) -> EmbeddingObjective:
+    """The objective that trains with the loss `loss_name` (models.losses) and its parameters."""
+    from models.losses import get_loss
+
+    params = dict(loss_params or {})
+    loss = get_loss(loss_name, **params)
+    kind = ClassifierObjective if getattr(loss, "requires_classifier", False) else EmbeddingObjective
+    return kind(loss_name, loss, params)

@@ -1,0 +1,90 @@
+"""pipeline/core/artifacts.py: one reader/writer per artifact, the fingerprints, the one up-to-date rule."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import EvaluateConfig, ExtractConfig
+from pipeline.core import artifacts
+from pipeline.core.errors import PhaseInputError
+
+
+def test_is_current_needs_the_record_and_the_same_fingerprint(tmp_path):
+    meta = tmp_path / "meta.json"
+    assert not artifacts.is_current(meta, "abc")
+    meta.write_text("not json")
+    assert not artifacts.is_current(meta, "abc")
+    meta.write_text(json.dumps({"fingerprint": "abc"}))
+    assert artifacts.is_current(meta, "abc") and not artifacts.is_current(meta, "abd")
+    assert not artifacts.is_current(meta, None)
+
+
+def test_trained_embeddings_fingerprint_is_a_hash_like_every_other():
+    training = {"fingerprint": "f" * 16, "created": "2026-01-01T00:00:00+00:00"}
+    fingerprint = artifacts.trained_embeddings_fingerprint(training, ExtractConfig())
+    assert len(fingerprint) == 16 and all(c in "0123456789abcdef" for c in fingerprint)
+    assert fingerprint != artifacts.trained_embeddings_fingerprint({**training, "created": "later"}, ExtractConfig())
+    assert fingerprint != artifacts.trained_embeddings_fingerprint(training, ExtractConfig(dtype="float16"))
+
+
+def test_dataset_settings_key_ignores_layout_but_not_the_split():
+    from pipeline.config import DataConfig
+
+    base = DataConfig(source="/data/x")
+    key = artifacts.dataset_settings_key(base)
+    assert key == artifacts.dataset_settings_key(DataConfig(source="/data/x", workers=3, shard_size=7,
+                                                            tfrecords_dir="elsewhere"))
+    assert key != artifacts.dataset_settings_key(DataConfig(source="/data/x", seed=7))
+    assert key != artifacts.dataset_settings_key(DataConfig(source="/other/x"))
+    # dataset.json records the same settings, so a folder's key can be checked from it.
+    recorded = {"source": "/data/x", "split": "stratified", "class_order": "shuffled", "ratios": [0.7, 0.15, 0.15],
+                "seed": 42, "label_from": "first", "max_side": 0, "limit_per_class": 0, "shard_size": 2048}
+    assert artifacts.dataset_settings_key(recorded) == key
+
+
+def _embedding_set(out, n=6, dim=4, dataset="d1"):
+    out.mkdir(parents=True)
+    items = pd.DataFrame({"row": range(n), "split": ["test"] * n, "id": [f"{i:03d}" for i in range(n)],
+                          "label": [i % 2 for i in range(n)], "label_name": ["007", "008"] * (n // 2),
+                          "path": [f"p{i}" for i in range(n)], "text": [""] * n, "group": [""] * n})
+    raw = np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32)
+    unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    artifacts.write_embedding_artifacts(out, items, raw, unit, ExtractConfig())
+    (out / "meta.json").write_text(json.dumps({"fingerprint": "e", "dataset_fingerprint": dataset}))
+    return items, unit
+
+
+def test_embedding_set_round_trip_keeps_text_columns_text(tmp_path):
+    items, unit = _embedding_set(tmp_path / "emb")
+    loaded, unit_back, raw, meta = artifacts.load_embeddings(tmp_path / "emb")
+    assert loaded["id"].tolist() == items["id"].tolist() and loaded["label_name"].tolist()[0] == "007"
+    assert loaded["group"].tolist() == [""] * len(items)
+    np.testing.assert_allclose(unit_back, unit, atol=1e-6)
+    vectors = json.loads((tmp_path / "emb/embeddings.json").read_text())
+    assert len(vectors) == len(items) and vectors[0]["id"] == "000"
+    features = artifacts.load_phase1_features(tmp_path / "emb")
+    assert features["features"].shape == raw.shape
+
+
+def test_embeddings_of_another_dataset_build_are_refused(tmp_path):
+    _embedding_set(tmp_path / "emb", dataset="old-build")
+    artifacts.load_embeddings(tmp_path / "emb", {"fingerprint": "old-build"})
+    with pytest.raises(PhaseInputError, match=r"run `python run.py phase1 --run A` again"):
+        artifacts.load_embeddings(tmp_path / "emb", {"fingerprint": "new-build", "name": "x"}, "A")
+    with pytest.raises(PhaseInputError, match="phase1"):
+        artifacts.load_phase1_features(tmp_path / "emb", {"fingerprint": "new-build"})
+
+
+def test_missing_embeddings_name_the_phase_to_run(tmp_path):
+    with pytest.raises(PhaseInputError, match="run `python run.py phase1` first"):
+        artifacts.load_embeddings(tmp_path / "nothing")
+
+
+def test_evaluation_fingerprint_follows_embeddings_and_settings():
+    meta = {"fingerprint": "e", "created": "t"}
+    base = artifacts.evaluation_fingerprint(meta, EvaluateConfig())
+    assert base != artifacts.evaluation_fingerprint({**meta, "created": "t2"}, EvaluateConfig())
+    assert base != artifacts.evaluation_fingerprint(meta, EvaluateConfig(k=10))

@@ -44,4 +44,4 @@ bench: install
 	$(PY) bench/bench_retrieval.py
 
 clean:
-	rm -rf runs reports/demo tfrecords/fashion_mnist
+	rm -rf runs reports/demo tfrecords/fashion_mnist*

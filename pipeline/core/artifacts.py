@@ -92,6 +92,14 @@ def trained_embeddings_fingerprint(training: dict, extract) -> str:
                            "dtype": extract.dtype, "index": extract.index})
 
 
+def trained_embeddings_match(recorded: str | None, training: dict, extract) -> bool:
+    """Whether phase-4 embeddings recorded as `recorded` are those of this training. Folders written
+    before fingerprints were hashed carry the older joined-string form; it describes the same inputs,
+    so those embeddings are not redone or refused for it."""
+    legacy = f"{training.get('fingerprint')}-{training.get('created')}-{extract.dtype}-{extract.index}"
+    return recorded is not None and recorded in (trained_embeddings_fingerprint(training, extract), legacy)
+
+
 def trained_tag(tag: str, loss: str) -> str:
     return f"{tag}+{loss}"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.core import atomic
-from pipeline.core.artifacts import evaluation_fingerprint, trained_embeddings_fingerprint, trained_tag
+from pipeline.core.artifacts import evaluation_fingerprint, trained_embeddings_match, trained_tag
 from pipeline.core.errors import PhaseInputError
 from pipeline.core.run_dir import RunDir, backbone_tag
 from pipeline.reporting.compare_view import PRETRAINED
@@ -60,7 +60,7 @@ def _check_current(run_dir: RunDir, config: RunConfig, tag: str, loss: str, eval
         return None
     training_path = run_dir.train_dir(tag, loss) / "training.json"
     training = atomic.read_json(training_path) if training_path.is_file() else {}
-    if not training or emb_meta.get("fingerprint") != trained_embeddings_fingerprint(training, config.extract):
+    if not training or not trained_embeddings_match(emb_meta.get("fingerprint"), training, config.extract):
         raise PhaseInputError(f"the phase-4 embeddings of {eval_tag} are not of the model in {training_path.parent} "
                               "(it was retrained, or its training is unfinished): run `python run.py phase3` and "
                               "`python run.py phase4`")

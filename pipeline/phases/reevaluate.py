@@ -20,7 +20,8 @@ import numpy as np
 from pipeline.config import RunConfig
 from pipeline.core import atomic
 from pipeline.core.artifacts import (  # noqa: F401  (trained_tag, trained_embeddings_fingerprint: older imports)
-    is_current, load_dataset_meta, load_embeddings, trained_embeddings_fingerprint, trained_tag,
+    load_dataset_meta, load_embeddings, recorded_fingerprint, trained_embeddings_fingerprint,
+    trained_embeddings_match, trained_tag,
     write_embedding_artifacts,
 )
 from pipeline.core.errors import PhaseInputError
@@ -102,7 +103,7 @@ def run_reevaluate(config: RunConfig, force: bool = False) -> list[str]:
             out = run_dir.embeddings_dir(new_tag)
             meta_path = out / "meta.json"
             fingerprint = trained_embeddings_fingerprint(training, config.extract)
-            if force or not is_current(meta_path, fingerprint):
+            if force or not trained_embeddings_match(recorded_fingerprint(meta_path), training, config.extract):
                 items, _, raw, base_meta = load_embeddings(run_dir.embeddings_dir(tag), dataset_meta, config.name)
                 if finetuned:
                     if training.get("mode") != "finetune":

@@ -138,7 +138,7 @@ def test_importing_the_registry_loads_no_tensorflow():
     import sys
 
     code = "import sys, models.backbones; assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
 def test_random_initialisation_is_seeded():

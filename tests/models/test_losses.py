@@ -727,7 +727,7 @@ def test_loss_names_are_listed_without_importing_keras():
             "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules, sorted(sys.modules); "
             "print(','.join(LOSS_NAMES))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip().split(",") == list(LOSSES)
 
 

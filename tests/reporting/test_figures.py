@@ -22,7 +22,7 @@ from pipeline.reporting.report import render_report
 from pipeline.vectors.projections import MIN_POINTS_NEIGHBOUR_LAYOUT, plan_projections
 from pipeline.vectors.retrieval import retrieve
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- item 8: grids capped by the gallery

@@ -14,7 +14,7 @@ from pipeline.training import checkpoints
 from pipeline.training.checkpoints import BackupError, EpochBackup, read_state
 from pipeline.phases.train import run_train
 from pipeline.training.loop import fingerprinted_settings
-from tests.test_train import TAG, _Interrupt, _RecordEpochs, clustered_features, make_config, write_phase1
+from tests.training.test_train import TAG, _Interrupt, _RecordEpochs, clustered_features, make_config, write_phase1
 
 MONITOR = "val_MAP@R"
 

@@ -88,3 +88,18 @@ def test_evaluation_fingerprint_follows_embeddings_and_settings():
     base = artifacts.evaluation_fingerprint(meta, EvaluateConfig())
     assert base != artifacts.evaluation_fingerprint({**meta, "created": "t2"}, EvaluateConfig())
     assert base != artifacts.evaluation_fingerprint(meta, EvaluateConfig(k=10))
+
+
+def test_phase4_embeddings_recorded_in_the_older_fingerprint_form_stay_current():
+    """Folders written before fingerprints were hashed keep their phase-4 embeddings (no silent redo, no refusal)."""
+    from types import SimpleNamespace
+
+    training = {"fingerprint": "abc", "created": "2026-11-20T10:00:00+00:00"}
+    extract = SimpleNamespace(dtype="float32", index="flat")
+    legacy = "abc-2026-11-20T10:00:00+00:00-float32-flat"
+    assert artifacts.trained_embeddings_match(legacy, training, extract)
+    assert artifacts.trained_embeddings_match(artifacts.trained_embeddings_fingerprint(training, extract),
+                                              training, extract)
+    retrained = {**training, "created": "2026-11-21T10:00:00+00:00"}
+    assert not artifacts.trained_embeddings_match(legacy, retrained, extract)
+    assert not artifacts.trained_embeddings_match(None, training, extract)

@@ -14,12 +14,12 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 
 from pipeline.core.distribute import training_strategy  # noqa: E402
-from tests.replica_checks import compare_losses  # noqa: E402
+from tests.training.replica_checks import compare_losses  # noqa: E402
 
 def _resume_after_uneven_preemption(runs: Path) -> dict:
     """Both workers stop after committing epoch 3; worker 1 is then set back to its epoch-2
@@ -30,7 +30,7 @@ def _resume_after_uneven_preemption(runs: Path) -> dict:
     from pipeline.core import atomic
     from pipeline.training.checkpoints import STATE_FILE, read_state
     from pipeline.phases.train import run_train
-    from tests.test_train import make_config
+    from tests.training.test_train import make_config
 
     class Interrupt(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -69,7 +69,7 @@ if __name__ == "__main__":
               "losses": compare_losses(tf.distribute.get_strategy(), strategy)}
 
     from pipeline.phases.train import run_train
-    from tests.test_train import make_config
+    from tests.training.test_train import make_config
 
     out = run_train(make_config(Path(sys.argv[1]), epochs=2, steps_per_epoch=3, jit_compile=False, export=False,
                                 n_classes_per_batch=4))[0]

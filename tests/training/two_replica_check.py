@@ -20,17 +20,17 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.core.distribute import training_strategy  # noqa: E402
-from tests.replica_checks import compare_losses  # noqa: E402
+from tests.training.replica_checks import compare_losses  # noqa: E402
 
 DEVICES = ["/cpu:0", "/cpu:1"]
 
 
 def compare_training() -> dict:
     from pipeline.phases.train import run_train
-    from tests.test_train import clustered_features, make_config, write_phase1
+    from tests.training.test_train import clustered_features, make_config, write_phase1
 
     features, labels, splits = clustered_features()
     runs = {}

@@ -1,9 +1,9 @@
 """tf.distribute: batch losses on two replicas equal one device on the same global batch.
 
 Two set-ups, each in fresh processes (TensorFlow's devices and cluster are fixed when it starts):
-  * MirroredStrategy over two logical CPU devices of one process (tests/two_replica_check.py);
+  * MirroredStrategy over two logical CPU devices of one process (tests/training/two_replica_check.py);
   * MultiWorkerMirroredStrategy over two worker processes on localhost, from TF_CONFIG
-    (tests/two_worker_check.py).
+    (tests/training/two_worker_check.py).
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.replica_checks import LOSS_CASES
+from tests.training.replica_checks import LOSS_CASES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
 
 
@@ -31,7 +31,8 @@ def _result(stdout: str, stderr: str, returncode: int, what: str) -> dict:
 @pytest.fixture(scope="module")
 def report() -> dict:
     env = {key: value for key, value in ENV.items() if key != "TF_CONFIG"}
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "two_replica_check.py")], cwd=ROOT, env=env,
+    script = ROOT / "tests" / "training" / "two_replica_check.py"
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     return _result(done.stdout, done.stderr, done.returncode, "two-replica check")
 
@@ -51,7 +52,7 @@ def _free_ports(n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def worker_runs(tmp_path_factory) -> Path:
-    from tests.test_train import clustered_features, write_phase1
+    from tests.training.test_train import clustered_features, write_phase1
 
     runs = tmp_path_factory.mktemp("workers") / "runs"
     write_phase1(runs, *clustered_features())
@@ -64,7 +65,7 @@ def worker_reports(worker_runs) -> list[dict]:
     processes = []
     for index in range(2):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        processes.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "two_worker_check.py"),
+        processes.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "training" / "two_worker_check.py"),
                                            str(worker_runs)], cwd=ROOT,
                                           env={**ENV, "TF_CONFIG": json.dumps(tf_config)}, text=True,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE))

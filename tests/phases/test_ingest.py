@@ -22,7 +22,7 @@ from pipeline.core.artifacts import dataset_settings_key
 from pipeline.core.errors import IngestError
 from pipeline.data.schema import SPLITS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED_CLOTHING = Path(os.environ.get("EMBEDLAB_SHARED", REPO.parent / "shared")) / "data" / "clothing10"
 
 

@@ -200,7 +200,7 @@ def _finetune_config(finetuned_run, runs_dir, **train):
 
 def test_arcface_finetuning_resumes_where_it_stopped(finetuned_run):
     from pipeline.phases.train import run_train
-    from tests.test_train import _Interrupt, _RecordEpochs
+    from tests.training.test_train import _Interrupt, _RecordEpochs
 
     config = _finetune_config(finetuned_run, finetuned_run / "runs_resume")
     out = finetuned_run / f"runs_resume/f/train/{BASE}/arcface"

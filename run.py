@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
             for key, param_help in parameter_help().items():
                 g.add_argument(f"--{key.replace('_', '-')}", dest=f"backbone_param_{key}", metavar="VALUE",
                                help=f"{param_help}; short for --backbone-param {key}=VALUE")
-            g.add_argument("--batch-size", type=int)
+            g.add_argument("--batch-size", type=int, help="images per inference batch (default 64)")
         if offers(name, MIXED_PRECISION):
             p.add_argument("--mixed-precision", action="store_true",
                            help="mixed_float16 for extraction (phase 1) and training (phase 3); for GPUs")
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "multisimilarity, supcon, infonce")
         if offers(name, TRAINING):
             g.add_argument("--mode", choices=["head", "finetune"], help="head: frozen backbone, cached features")
-            g.add_argument("--epochs", type=int)
+            g.add_argument("--epochs", type=int, help="maximum training epochs (early stopping may end sooner)")
             g.add_argument("--positives", choices=["label", "group"],
                            help="positive pairs share a class label, or a group (an original and its variants)")
             g.add_argument("--hard-negatives", type=float, metavar="SHARE",

@@ -96,12 +96,12 @@ PHASES: dict[str, Phase] = {phase.name: phase for phase in (
 
 
 def check_before_work(config: RunConfig, phases: list[str]) -> None:
-    """What `config.validate` could not check without Keras, for the phases about to run."""
+    """The phases exist and every setting is valid — all of them, not only the sections these phases
+    use: the first phase to succeed saves the run's whole configuration, which later commands read."""
     unknown = [name for name in phases if name not in PHASES]
     if unknown:
         raise ValueError(f"unknown phase(s) {unknown}; known: {list(PHASES)}")
-    if any("train" in PHASES[name].sections for name in phases):
-        validate_losses(config)
+    validate_losses(config)
 
 
 def run_phases(config: RunConfig, phases: list[str], force: bool = False, command: str = "") -> None:

@@ -48,6 +48,7 @@ def test_sub_commands_come_from_the_phases_table():
     ["phase1", "--image-size", "-5"],
     ["phase1", "--backbone-param", "alpha=wide"],
     ["phase2", "--set", "evaluate.k=0"],
+    ["phase2", "--set", "train.losses=bogus"],   # a section phase 2 does not use is still checked
 ])
 def test_a_failed_command_leaves_the_saved_settings_alone(tmp_path, capsys, argv):
     saved = _saved_run(tmp_path)
@@ -123,7 +124,8 @@ def _run_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_settings_errors_are_found_before_tensorflow_is_imported(tmp_path):
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import run; rc = run.main(sys.argv[2:]); "
             "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'; sys.exit(rc)")
-    for argv in (["phase1", "--image-size", "8"], ["phase0", "--config", str(tmp_path / "tab.yaml")]):
+    for argv in (["phase1", "--image-size", "8"], ["phase0", "--config", str(tmp_path / "tab.yaml")],
+                 ["phase3", "--loss", "bogus"]):
         (tmp_path / "tab.yaml").write_text("data:\n\tsource: x\n")
         done = subprocess.run([sys.executable, "-c", code, str(REPO), *argv, *_args(tmp_path)], cwd=tmp_path,
                               capture_output=True, text=True, timeout=120)

@@ -203,23 +203,28 @@ def build_feature_extractor(name: str, *, weights: str = "imagenet", image_size:
     size = image_size or spec.native_size
     request = TrunkRequest(name, (size, size, 3), spec.resolve_params({**param_values, **(params or {})}))
 
+    # Only a random initialisation is seeded: the pretrained and weights-file paths build exactly as
+    # before (their draws from Python's `random` still advance it, so whatever is built next — a head,
+    # a classifier — starts from the state it always did).
     weights_loaded, seed = "random", init_seed
-    with seeded_initialisation(init_seed):
-        if weights == "imagenet":
-            try:
-                trunk = spec.trunk.pretrained(request)
-                weights_loaded, seed = "imagenet", None
-            except WeightsUnavailableError as exc:
-                if weights_fallback != "random":
-                    raise
-                log.warning("ImageNet weights unavailable for %s, running from a RANDOM initialisation: %s", name, exc)
-                weights_loaded = "random (imagenet weights unavailable)"
+    if weights == "imagenet":
+        try:
+            trunk = spec.trunk.pretrained(request)
+            weights_loaded, seed = "imagenet", None
+        except WeightsUnavailableError as exc:
+            if weights_fallback != "random":
+                raise
+            log.warning("ImageNet weights unavailable for %s, running from a RANDOM initialisation: %s", name, exc)
+            weights_loaded = "random (imagenet weights unavailable)"
+            with seeded_initialisation(init_seed):
                 trunk = spec.trunk.random(request)
-        else:
+    elif weights not in ("none", "", None):
+        trunk = spec.trunk.random(request)
+        load_weights_file(trunk, weights, name)
+        weights_loaded, seed = str(weights), None
+    else:
+        with seeded_initialisation(init_seed):
             trunk = spec.trunk.random(request)
-            if weights not in ("none", "", None):
-                load_weights_file(trunk, weights, name)
-                weights_loaded, seed = str(weights), None
 
     images = keras.Input(shape=request.input_shape, name="images")
     x = ImagePreprocess(spec.preprocess, name="preprocess")(images)

@@ -137,7 +137,9 @@ def load_dataset_meta(run_dir) -> dict:
     folder = run_dir.dataset_dir
     ref = read_dataset_ref(run_dir.dataset_ref)
     name = run_dir.config.name
-    if ref is None and not run_dir.names_its_dataset:
+    # A run with saved settings but no record predates the records: it reads the dataset its settings
+    # describe (run_dir.dataset_dir finds the older tfrecords/<name>/ folder when its settings match).
+    if ref is None and not run_dir.names_its_dataset and not (run_dir.root / "config.yaml").is_file():
         raise PhaseInputError(
             f"run {name!r} has no dataset: phase 0 was not run for it and no source is configured; "
             f"run `python run.py phase0 --run {name} --source <images>` first")

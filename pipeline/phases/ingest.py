@@ -25,6 +25,7 @@ from pathlib import Path
 from collections.abc import Sequence
 
 from pipeline.config import DataConfig, EvaluateConfig, RunConfig
+from pipeline.config import validate as validate_config
 from pipeline.core.artifacts import DATASET_JSON, MANIFEST_CSV, REJECTS_CSV, dataset_is_current, write_dataset_ref
 from pipeline.core.atomic import write_json
 from pipeline.core.errors import IngestError
@@ -51,7 +52,7 @@ def run_ingest(config: RunConfig, force: bool = False) -> Path:
     data = config.data
     run_dir = RunDir(config)
     out = run_dir.new_dataset_dir
-    _check_settings(data)
+    validate_config(config)   # configurations built in code are checked too, not only those the CLI loads
 
     try:
         kind = source_kind(data.source)
@@ -189,25 +190,7 @@ def compute_fingerprint(data: DataConfig, listed: Sequence[SourceItem] | None) -
     return h.hexdigest()
 
 
-def is_up_to_date(out: Path, fingerprint: str) -> bool:
-    return dataset_is_current(out, fingerprint)
-
-
 # --------------------------------------------------------------------------- checks and messages
-
-
-def _check_settings(data: DataConfig) -> None:
-    problems = []
-    if data.shard_size < 1:
-        problems.append(f"shard_size must be at least 1, got {data.shard_size}")
-    if data.limit_per_class < 0:
-        problems.append(f"limit_per_class must be >= 0, got {data.limit_per_class}")
-    if data.max_side < 0:
-        problems.append(f"max_side must be >= 0, got {data.max_side}")
-    if data.workers < 0:
-        problems.append(f"workers must be >= 0, got {data.workers}")
-    if problems:
-        raise IngestError("; ".join(problems))
 
 
 def evaluation_warnings(counts: dict[str, dict[str, int]], settings: EvaluateConfig) -> list[str]:

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from collections.abc import Sequence
 
-from pipeline.config import ConfigError, RunConfig, TrainConfig
+from pipeline.config import RunConfig, TrainConfig, validate, validate_losses
 from pipeline.core.distribute import is_chief, training_strategy
 from pipeline.core.run_dir import RunDir, backbone_tag
 from pipeline.training.loop import dtype_policy
@@ -24,7 +24,8 @@ def run_train(config: RunConfig, force: bool = False, *, extra_callbacks: Sequen
     `extra_callbacks` are appended after the built-in Keras callbacks of every fit.
     """
     settings = config.train
-    _check_settings(settings)
+    validate(config)   # configurations built in code are checked too, not only those the CLI loads
+    validate_losses(config)
     run_dir = RunDir(config)
     with dtype_policy("mixed_float16" if settings.mixed_precision else "float32"):
         # Before any other TensorFlow work: a multi-worker strategy must be created first.
@@ -32,22 +33,6 @@ def run_train(config: RunConfig, force: bool = False, *, extra_callbacks: Sequen
         if settings.mode == "finetune":
             return _train_finetune(config, run_dir, settings, strategy, force, extra_callbacks)
         return _train_heads(config, run_dir, settings, strategy, force, extra_callbacks)
-
-
-def _check_settings(settings: TrainConfig) -> None:
-    from models.losses import LOSSES
-
-    unknown = [name for name in settings.losses if name not in LOSSES]
-    if unknown or not settings.losses:
-        raise ConfigError(f"train.losses: unknown or no loss {unknown}; known: {sorted(LOSSES)}")
-    for key in ("n_classes_per_batch", "n_samples_per_class"):
-        if getattr(settings, key) < 2:
-            raise ConfigError(f"train.{key} must be at least 2")
-    if settings.epochs < 1 or settings.steps_per_epoch < 0 or settings.embedding_dim < 1:
-        raise ConfigError("train.epochs and train.embedding_dim must be positive, train.steps_per_epoch >= 0")
-    if settings.finetune_layers < 0 or settings.finetune_learning_rate <= 0 or settings.learning_rate <= 0:
-        raise ConfigError("train.finetune_layers must be >= 0, train.learning_rate and "
-                          "train.finetune_learning_rate positive")
 
 
 def _train_finetune(config: RunConfig, run_dir: RunDir, settings: TrainConfig, strategy, force: bool,

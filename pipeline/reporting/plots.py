@@ -23,6 +23,7 @@ from pipeline.reporting.canvas import DIFFERENT, NEUTRAL
 from pipeline.reporting.canvas import new_figure as _new_figure
 from pipeline.reporting.canvas import save_figure as _save
 from pipeline.reporting.canvas import short as _short
+from pipeline.vectors.normalize import l2_normalize
 
 MAX_LEGEND_CLASSES = 20
 
@@ -171,8 +172,7 @@ def plot_similarity_heatmap(x: np.ndarray, labels: Any, class_names: Sequence[st
         x, idx = x[keep], idx[keep]
     order = np.argsort(idx, kind="stable")
     x, idx = x[order], idx[order]
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    unit = x / np.where(norms > 0, norms, 1.0)
+    unit = l2_normalize(x)
     sim = unit @ unit.T
 
     fig = _new_figure(7.6, 6.6)

@@ -35,7 +35,7 @@ def not_exportable(phase1_meta: dict) -> str | None:
     if not weights or not phase1_meta.get("image_size"):
         return "phase 1's meta.json does not say which weights and image size it used"
     if weights.startswith("random"):
-        return ("phase 1 ran from a random initialisation, which cannot be rebuilt identically "
+        return ("phase 1 ran from a random initialisation, which is for tests and timing, not deployment "
                 "(use imagenet weights or a weights file)")
     return None
 

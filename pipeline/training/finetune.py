@@ -32,7 +32,8 @@ from pipeline.config import BackboneConfig, TrainConfig
 from pipeline.core import atomic
 from pipeline.core.distribute import distribute_global_batches, training_strategy, worker_output_dir
 from pipeline.core.errors import PhaseInputError
-from pipeline.core.run_dir import RunDir, fingerprint_of
+from pipeline.core.artifacts import fingerprint_of
+from pipeline.core.run_dir import RunDir
 from pipeline.data.tfrecords import plain_images, read_records
 from pipeline.core.artifacts import load_dataset_meta, load_phase1_features
 from pipeline.reporting.plots import plot_training_curves

@@ -34,7 +34,8 @@ import numpy as np
 from pipeline.config import TrainConfig
 from pipeline.core import atomic
 from pipeline.core.distribute import distribute_global_batches, training_strategy, worker_output_dir
-from pipeline.core.run_dir import RunDir, fingerprint_of
+from pipeline.core.artifacts import fingerprint_of
+from pipeline.core.run_dir import RunDir
 from pipeline.reporting.plots import plot_training_curves
 from pipeline.training.callbacks import MONITOR, VAL_METRICS, RetrievalValidation, training_callbacks
 from pipeline.training.loop import (begin_training, effective_jit, fingerprinted_settings, finish_training,

@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline.config import TrainConfig
 from pipeline.core import atomic
+from pipeline.core.artifacts import is_current
 from pipeline.core.distribute import agree_on_resume, xla_supported
 from pipeline.core.errors import TrainingDivergedError
 from pipeline.training.callbacks import MONITOR, VAL_METRICS
@@ -113,10 +114,10 @@ def begin_training(out: Path, fingerprint: str, force: bool, strategy=None) -> R
     behind the others makes all of them resume from that earlier epoch.
     """
     summary_path = out / "training.json"
-    done = not force and summary_path.is_file() and _recorded_fingerprint(summary_path) == fingerprint
+    done = not force and is_current(summary_path, fingerprint)
     stamp, backup = out / RESUME_STAMP, out / "backup"
     state = None
-    if not done and not force and stamp.is_file() and _recorded_fingerprint(stamp) == fingerprint:
+    if not done and not force and is_current(stamp, fingerprint):
         state = read_state(backup)
     latest = state["epoch"] if state else 0
     before_latest = state["previous"]["epoch"] if state and state.get("previous") else 0
@@ -158,14 +159,6 @@ def _prepare_output_dir(out: Path, fingerprint: str, fresh: bool, unusable_backu
     for name in ("history.csv", "head.keras", "curves.png"):
         (out / name).unlink(missing_ok=True)
     atomic.write_json(out / RESUME_STAMP, {"fingerprint": fingerprint})
-
-
-def _recorded_fingerprint(path: Path) -> str | None:
-    """The "fingerprint" a JSON file (training.json, resume.json) records; None if unreadable."""
-    try:
-        return atomic.read_json(path).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def read_history(path: Path, before_epoch: int | None = None):

@@ -45,9 +45,10 @@ class EmbeddingObjective:
         return embedding_model
 
     def metrics(self) -> list:
-        from models.losses import triplet_accuracy
-
-        return [triplet_accuracy]
+        """The Keras metrics the loss says mean something on the training model's output (none for a
+        plain Keras loss that does not say)."""
+        declared = getattr(type(self.loss), "training_metrics", None)
+        return declared() if declared is not None else []
 
     def compile(self, embedding_model, optimizer, jit_compile: bool, inputs=None):
         """The training model around `embedding_model`, compiled (call under the strategy's scope)."""
@@ -91,9 +92,6 @@ class ClassifierObjective(EmbeddingObjective):
         logits = CosineClassifier(len(self.classes), name="cosine_classifier")(embeddings)
         return keras.Model(embedding_model.input if inputs is None else inputs, logits,
                            name=f"{embedding_model.name}_with_classifier")
-
-    def metrics(self) -> list:
-        return []
 
     def model_summary(self) -> dict:
         return {"objective": self.kind, "requires_classifier": True,

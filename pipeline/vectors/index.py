@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.atomic import atomic_path
+from pipeline.vectors.normalize import l2_normalize
 
 INDEX_KINDS = ("flat", "hnsw")
 
@@ -54,6 +55,4 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     q = np.ascontiguousarray(queries, dtype=np.float32)
     if q.ndim == 1:
         q = q[None, :]
-    norms = np.linalg.norm(q, axis=1, keepdims=True)
-    q = q / np.maximum(norms, 1e-12)
-    return index.search(q, min(k, index.ntotal))
+    return index.search(l2_normalize(q), min(k, index.ntotal))

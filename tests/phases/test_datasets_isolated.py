@@ -146,3 +146,28 @@ def test_runs_made_before_datasets_were_keyed_still_read_their_dataset(tmp_path,
     assert run_dir.dataset_dir == built
     assert load_dataset_meta(run_dir)["seed"] == 42
     assert run_ingest(config) == built, "phase 0 adopts the old folder instead of rebuilding it"
+
+
+def test_a_run_made_before_dataset_records_on_the_default_source_still_reads_its_dataset(tmp_path):
+    """A demo run from before this layout (saved config.yaml, tfrecords/fashion_mnist/, no dataset_ref.json) keeps
+    working; a brand-new run without phase 0 is told it has no dataset."""
+    import dataclasses
+
+    import yaml
+
+    from pipeline.config import DataConfig, RunConfig
+    from pipeline.core.artifacts import load_dataset_meta
+    from pipeline.core.errors import PhaseInputError
+    from pipeline.core.run_dir import RunDir
+
+    data = DataConfig(tfrecords_dir=str(tmp_path / "tfrecords"))
+    legacy = tmp_path / "tfrecords" / "fashion_mnist"
+    legacy.mkdir(parents=True)
+    (legacy / "dataset.json").write_text(json.dumps({**dataclasses.asdict(data), "fingerprint": "old-build"}))
+    old = RunConfig(name="demo", runs_dir=str(tmp_path / "runs"), data=data)
+    (tmp_path / "runs/demo").mkdir(parents=True)
+    (tmp_path / "runs/demo/config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(old)))
+    assert RunDir(old).dataset_dir == legacy
+    assert load_dataset_meta(RunDir(old))["fingerprint"] == "old-build"
+    with pytest.raises(PhaseInputError, match="run 'new' has no dataset"):
+        load_dataset_meta(RunDir(dataclasses.replace(old, name="new")))

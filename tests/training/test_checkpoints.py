@@ -236,7 +236,7 @@ PINNED_OBJECTIVE_FINGERPRINTS = {
 @pytest.mark.parametrize("name", sorted(PINNED_SETTINGS_FINGERPRINTS))
 def test_training_settings_fingerprints_of_finished_runs_are_unchanged(name):
     from pipeline.config import TrainConfig
-    from pipeline.core.run_dir import fingerprint_of
+    from pipeline.core.artifacts import fingerprint_of
 
     settings, head, finetune = PINNED_SETTINGS_FINGERPRINTS[name]
     config = TrainConfig(**settings)
@@ -246,7 +246,7 @@ def test_training_settings_fingerprints_of_finished_runs_are_unchanged(name):
 
 @pytest.mark.parametrize("loss, params", sorted(PINNED_OBJECTIVE_FINGERPRINTS))
 def test_loss_part_of_training_fingerprints_is_unchanged(loss, params):
-    from pipeline.core.run_dir import fingerprint_of
+    from pipeline.core.artifacts import fingerprint_of
     from pipeline.training.objectives import objective_for
 
     fingerprint = fingerprint_of(objective_for(loss, dict(params)).fingerprint())

@@ -14,9 +14,10 @@ import numpy as np
 
 from pipeline.reporting.formatting import best_flags, fmt, get, render_html, to_float
 from pipeline.reporting.readings import NEGLIGIBLE, anisotropy_change, small_sample_note
+from pipeline.vectors.retrieval import SCORE_NAMES
 
 PRETRAINED = "pretrained"
-METRICS = ("P@1", "P@k", "R@k", "mAP", "MAP@R", "R-precision")
+METRICS = SCORE_NAMES
 DIAGNOSTICS = ("mean_pairwise_cosine", "effective_rank", "intra_inter_distance_ratio", "hubness_skew")
 TEMPLATE = "compare.html.j2"
 

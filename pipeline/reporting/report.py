@@ -19,11 +19,12 @@ from pipeline.reporting.dataset_view import dataset_view
 from pipeline.reporting.formatting import (DASH, best_flags, fmt, fmt_count, fmt_magnitude, fmt_seconds, get,
                                            is_number, render_html, to_float)
 from pipeline.reporting.readings import diagnostics_reading, equivalence_text, small_sample_note, without_positive
+from pipeline.vectors.retrieval import SCORE_NAMES
 
 TEMPLATE = "report.html.j2"
 
 KNOWN_VARIANTS = ("unit/cosine", "unit/euclidean", "raw/euclidean")
-RETRIEVAL_METRICS = ("P@1", "P@k", "R@k", "mAP", "MAP@R", "R-precision")
+RETRIEVAL_METRICS = SCORE_NAMES
 CLUSTER_METRICS = ("NMI", "ARI")
 
 PLOT_TITLES = {

@@ -72,6 +72,8 @@ METRICS = ("cosine", "euclidean")
 
 # Per-query array name -> name of its mean in `RetrievalResult.metrics`.
 _MEAN_OF = {"P@1": "P@1", "P@k": "P@k", "R@k": "R@k", "AP": "mAP", "MAP@R": "MAP@R", "R-precision": "R-precision"}
+# The means a RetrievalResult reports, in the order every table shows them.
+SCORE_NAMES: tuple[str, ...] = tuple(_MEAN_OF.values())
 
 # Equal-score groups longer than this are located by binary search instead of walked.
 _WALK_LIMIT = 16

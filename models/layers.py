@@ -37,6 +37,17 @@ class ImagePreprocess(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+def l2_normalize(x, epsilon: float = 1e-12):
+    """Rows scaled to unit L2 norm, zero rows staying zero (no NaN in value or gradient): the one
+    tensor normaliser of the models (the L2Normalize layer and the losses use it)."""
+    # Divide out the overall scale first: randomly initialised backbones emit
+    # features of norm ~1e-16, whose squares an epsilon would swamp.
+    scale = ops.max(ops.abs(x), axis=-1, keepdims=True)
+    x = x / ops.maximum(scale, 1e-30)
+    squared = ops.sum(ops.square(x), axis=-1, keepdims=True)
+    return x * ops.rsqrt(ops.maximum(squared, epsilon))
+
+
 @keras.saving.register_keras_serializable(package="embedlab")
 class L2Normalize(keras.layers.Layer):
     """Scale each row to unit L2 norm (zero rows stay zero); always computed in float32."""
@@ -47,13 +58,7 @@ class L2Normalize(keras.layers.Layer):
         self.epsilon = epsilon
 
     def call(self, x):
-        x = ops.cast(x, "float32")
-        # Divide out the overall scale first: randomly initialised backbones emit
-        # features of norm ~1e-16, whose squares an epsilon would swamp.
-        scale = ops.max(ops.abs(x), axis=-1, keepdims=True)
-        x = x / ops.maximum(scale, 1e-30)
-        squared = ops.sum(ops.square(x), axis=-1, keepdims=True)
-        return x * ops.rsqrt(ops.maximum(squared, self.epsilon))
+        return l2_normalize(ops.cast(x, "float32"), self.epsilon)
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}

@@ -40,6 +40,7 @@ import keras
 from keras import ops
 
 from models.cross_replica import gather_global_batch
+from models.layers import l2_normalize
 
 # Stands in for ±infinity inside masked max/min: a true inf turns into NaN gradients
 # (0 * inf) even where the entry is masked out.
@@ -99,12 +100,7 @@ def resolve_reference(embeddings, labels, ref_embeddings=None, ref_labels=None):
 
 def unit_rows(x):
     """Rows scaled to unit L2 norm; zero rows stay zero (no NaN in value or gradient)."""
-    # Dividing out the largest component first keeps tiny-norm rows (randomly
-    # initialised backbones) from being swamped by the epsilon, as in L2Normalize.
-    scale = ops.max(ops.abs(x), axis=-1, keepdims=True)
-    x = x / ops.maximum(scale, 1e-30)
-    squared = ops.sum(ops.square(x), axis=-1, keepdims=True)
-    return x * ops.rsqrt(ops.maximum(squared, SQ_EPS))
+    return l2_normalize(x, SQ_EPS)
 
 
 def cosine_similarity(x, ref=None):

@@ -7,7 +7,10 @@ from keras import ops
 # Per-channel means of the Caffe-trained ImageNet models (BGR order), as used by
 # keras.applications' "caffe" preprocessing (ResNet50).
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
-PREPROCESS_MODES = ("caffe", "tf", "none")
+# OpenAI CLIP's per-channel (RGB) mean and std of pixels scaled to [0, 1].
+CLIP_RGB_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_RGB_STD = (0.26862954, 0.26130258, 0.27577711)
+PREPROCESS_MODES = ("caffe", "tf", "none", "clip")
 
 
 @keras.saving.register_keras_serializable(package="embedlab")
@@ -31,6 +34,10 @@ class ImagePreprocess(keras.layers.Layer):
         if self.mode == "caffe":
             bgr = ops.flip(images, axis=-1)
             return bgr - ops.convert_to_tensor(_CAFFE_BGR_MEAN, dtype=self.compute_dtype)
+        if self.mode == "clip":
+            mean = ops.convert_to_tensor(CLIP_RGB_MEAN, dtype=self.compute_dtype)
+            std = ops.convert_to_tensor(CLIP_RGB_STD, dtype=self.compute_dtype)
+            return (images / 255.0 - mean) / std
         return images
 
     def get_config(self):

@@ -1,4 +1,4 @@
-"""Public API of models.backbones: the registry, its keras.applications backbones, and weights handling.
+"""Public API of models.backbones: the registry, its keras.applications and CLIP backbones, and weights handling.
 
 Importing it loads no Keras or TensorFlow; building an extractor does.
 """
@@ -25,3 +25,4 @@ from models.backbones.weights import (  # noqa: F401
 )
 from models.backbones.keras_apps import DEFAULT_BACKBONE, KerasApplication  # noqa: F401  (registers its specs)
 
+from models.backbones.clip import KerasHubCLIP  # noqa: F401  (registers its specs)

@@ -17,8 +17,10 @@ imports Keras when it builds), so the command line checks names, options and siz
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import random
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -43,6 +45,9 @@ class Param:
     help: str = ""
     # How the option appears in the artifact tag: this label followed by the value ("a" -> "a0.25").
     tag_label: str = ""
+    # False: the option is left out of the tag while it has its default (architecture overrides that
+    # are 0, "the preset's value", for almost every run).
+    tag_when_default: bool = True
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,8 @@ class BackboneSpec:
         """The folder name of this backbone's artifacts, e.g. `resnet50-imagenet`, `mobilenet-a0.25-96-imagenet`."""
         parts = [self.name]
         parts += [f"{self.params[key].tag_label or key}{_format(value)}"
-                  for key, value in self.resolve_params(given).items()]
+                  for key, value in self.resolve_params(given).items()
+                  if self.params[key].tag_when_default or value != self.params[key].default]
         if image_size:
             parts.append(str(image_size))
         parts.append(weights if weights in ("imagenet", "none") else "custom")
@@ -135,7 +141,15 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 
 def _format(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    text = str(value)
+    if isinstance(value, str) and not re.fullmatch(r"[A-Za-z0-9._]+", text):
+        # A tag is a folder name: a path or free text becomes its last part, made safe, plus a short
+        # hash of the whole value (two folders named alike stay apart).
+        stem = re.sub(r"[^A-Za-z0-9._]+", "_", text.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]).strip("_")
+        text = f"{stem or 'x'}.{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    return text
 
 
 BACKBONES: dict[str, BackboneSpec] = {}

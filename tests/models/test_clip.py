@@ -1,0 +1,132 @@
+"""CLIP backbones (keras-hub CLIPBackbone): a tiny random CLIP through the pipeline's extractor."""
+import numpy as np
+import pytest
+
+import keras
+
+from models.backbones import WeightsUnavailableError, build_feature_extractor, get_spec
+from models.backbones.clip import ARCHITECTURES
+from models.layers import CLIP_RGB_MEAN, CLIP_RGB_STD, ImagePreprocess
+
+TINY = {"vision_image_size": 32, "vision_patch_size": 8, "vision_hidden_dim": 32, "vision_num_layers": 2,
+        "vision_num_heads": 2, "vision_intermediate_dim": 64, "projection_dim": 16, "text_hidden_dim": 16,
+        "text_num_layers": 1, "text_num_heads": 2, "text_intermediate_dim": 32, "text_vocabulary_size": 64}
+
+
+def _images(n=3, size=32, seed=0):
+    return np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3)).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_feature_extractor("clip-vit-b32", weights="none", image_size=32, params=TINY, init_seed=3)
+
+
+def test_tiny_clip_embeds_raw_images_as_unit_vectors(tiny):
+    assert tiny.weights_loaded == "random" and tiny.dim == 16 and tiny.image_size == 32
+    out = tiny.model.predict(_images(), verbose=0)
+    assert out["pooled"].shape == (3, 16) and out["embedding"].shape == (3, 16)
+    np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(out["embedding"], out["pooled"] / np.linalg.norm(out["pooled"], axis=1, keepdims=True),
+                               atol=1e-5)
+    assert np.all(np.isfinite(out["pooled"]))
+    assert not np.allclose(out["embedding"][0], out["embedding"][1])
+
+
+def test_clip_preprocessing_is_inside_the_model(tiny):
+    layer = tiny.model.get_layer("preprocess")
+    assert layer.mode == "clip"
+    x = _images(2, 4)
+    expected = (x / 255.0 - np.array(CLIP_RGB_MEAN)) / np.array(CLIP_RGB_STD)
+    np.testing.assert_allclose(np.asarray(ImagePreprocess("clip")(x)), expected, rtol=1e-5, atol=1e-5)
+    # The extractor equals the bare keras-hub image path on CLIP-normalised pixels.
+    trunk = next(layer for layer in tiny.model.layers if isinstance(layer, keras.Model))
+    x = _images(2)
+    bare = np.asarray(trunk((x / 255.0 - np.array(CLIP_RGB_MEAN, "float32")) / np.array(CLIP_RGB_STD, "float32")))
+    np.testing.assert_allclose(tiny.model.predict(x, verbose=0)["pooled"], bare, rtol=1e-4, atol=1e-5)
+
+
+def test_random_clip_is_seeded(tiny):
+    x = _images(2, seed=1)
+    again = build_feature_extractor("clip-vit-b32", weights="none", image_size=32, params=TINY, init_seed=3)
+    other = build_feature_extractor("clip-vit-b32", weights="none", image_size=32, params=TINY, init_seed=4)
+    assert again.init_seed == 3
+    np.testing.assert_array_equal(tiny.model.predict(x, verbose=0)["embedding"],
+                                  again.model.predict(x, verbose=0)["embedding"])
+    assert any(not np.array_equal(a, b) for a, b in zip(tiny.model.get_weights(), other.model.get_weights()))
+
+
+def test_other_input_sizes_are_resized_to_the_model_size():
+    fe = build_feature_extractor("clip-vit-b32", weights="none", image_size=48, params=TINY)
+    out = fe.model.predict(_images(2, 48), verbose=0)
+    assert out["embedding"].shape == (2, 16)
+    np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-5)
+
+
+def test_the_named_specs_are_the_published_architectures():
+    assert get_spec("clip-vit-b32").native_size == 224 and get_spec("clip-vit-l14-336").native_size == 336
+    assert ARCHITECTURES["clip_vit_base_patch32"]["vision_patch_size"] == 32
+    assert ARCHITECTURES["clip_vit_base_patch16"]["vision_patch_size"] == 16
+    large = ARCHITECTURES["clip_vit_large_patch14"]
+    assert (large["vision_hidden_dim"], large["vision_num_layers"], large["vision_num_heads"],
+            large["vision_intermediate_dim"], large["projection_dim"]) == (1024, 24, 16, 4096, 768)
+    assert ARCHITECTURES["clip_vit_large_patch14_336"]["vision_image_size"] == 336
+
+
+def test_tags_leave_out_unset_architecture_options_and_keep_folders_safe():
+    assert get_spec("clip-vit-b32").tag({}, 0, "imagenet") == "clip-vit-b32-imagenet"
+    assert get_spec("clip-vit-l14-336").tag({}, 336, "imagenet") == "clip-vit-l14-336-336-imagenet"
+    tiny_tag = get_spec("clip-vit-b32").tag(TINY, 32, "none")
+    assert tiny_tag.startswith("clip-vit-b32-img32-p8-w32-l2-h2-mlp64-proj16-") and tiny_tag.endswith("-32-none")
+    assert get_spec("clip").tag({}, 0, "imagenet") == "clip-preset-clip_vit_base_patch32-imagenet"
+    local = get_spec("clip").tag({"preset": "/data/fashion clip/"}, 0, "imagenet")
+    assert "/" not in local and " " not in local and local.startswith("clip-preset-fashion_clip.")
+
+
+def _offline(monkeypatch):
+    import keras_hub
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'api.kaggle.com' (Name or service not known)")
+    monkeypatch.setattr(keras_hub.models.CLIPBackbone, "from_preset", no_network)
+
+
+def test_offline_pretrained_clip_fails_naming_the_preset_and_the_local_folder_option(monkeypatch):
+    _offline(monkeypatch)
+    with pytest.raises(WeightsUnavailableError) as err:
+        build_feature_extractor("clip-vit-b32", weights="imagenet")
+    message = str(err.value)
+    assert "clip_vit_base_patch32" in message and "clip-vit-b32" in message
+    assert "preset=/path/to/folder" in message and "--weights none" in message
+    assert "Name or service not known" in message and "\n" not in message
+
+
+def test_missing_local_preset_folder_is_named(tmp_path):
+    folder = tmp_path / "fashion-clip"
+    with pytest.raises(ValueError, match="does not exist"):
+        get_spec("clip").check({"preset": str(folder)}, 0, "imagenet", "error")
+    folder.mkdir()
+    with pytest.raises(WeightsUnavailableError) as err:
+        build_feature_extractor("clip", weights="imagenet", params={"preset": str(folder)})
+    assert str(folder) in str(err.value) and "config.json" in str(err.value)
+    assert not get_spec("clip").trunk.pretrained_cached({"preset": str(folder)})
+
+
+def test_random_fallback_builds_the_random_architecture(monkeypatch):
+    _offline(monkeypatch)
+    with pytest.raises(WeightsUnavailableError, match="architecture options"):
+        build_feature_extractor("clip-vit-b32", weights="imagenet", image_size=32, params=TINY)
+    fe = build_feature_extractor("clip-vit-b32", weights="imagenet", image_size=32, params=TINY,
+                                 weights_fallback="random")
+    assert fe.weights_loaded.startswith("random") and fe.dim == 16
+
+
+def test_architecture_options_are_checked():
+    spec = get_spec("clip-vit-b32")
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        spec.check(TINY, 32, "imagenet", "error")
+    spec.check(TINY, 32, "none", "error")
+    spec.check(TINY, 32, "imagenet", "random")
+    with pytest.raises(ValueError, match="need one of the presets"):
+        get_spec("clip").check({"preset": "clip_vit_h_14_laion2b_s32b_b79k", "vision_num_layers": 2}, 0, "none",
+                               "error")

@@ -8,6 +8,7 @@ from models.backbones.registry import (  # noqa: F401
     FeatureExtractor,
     Param,
     TrunkBuilder,
+    TextTowerBuilder,
     TrunkRequest,
     WeightsUnavailableError,
     build_feature_extractor,
@@ -26,3 +27,4 @@ from models.backbones.weights import (  # noqa: F401
 from models.backbones.keras_apps import DEFAULT_BACKBONE, KerasApplication  # noqa: F401  (registers its specs)
 
 from models.backbones.clip import KerasHubCLIP  # noqa: F401  (registers its specs)
+from models.backbones.clip_text import CLIPTextEmbedder, TextEmbeddings  # noqa: F401

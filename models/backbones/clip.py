@@ -14,11 +14,13 @@ when a trunk is built, so importing the registry stays free of TensorFlow.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.backbones.clip_text import BYTE_LEVEL_VOCABULARY_SIZE, CLIPTextEmbedder
 from models.backbones.registry import BackboneSpec, Param, TrunkRequest, register
 from models.backbones.weights import WeightsUnavailableError, short_reason
 
@@ -63,6 +65,12 @@ def _is_local(preset: str) -> bool:
     return preset.startswith((".", "/", "~")) or os.sep in preset or Path(preset).expanduser().exists()
 
 
+# Each vision trunk built here -> (its CLIPBackbone, where its tokenizer comes from), so that the text
+# tower of the very same weights can be had later (`KerasHubCLIP.text_embedder`) without the trunk
+# model owning the text layers (which would count them in its weights, saves and exports).
+_BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _kagglehub_cache() -> Path:
     return Path(os.environ.get("KAGGLEHUB_CACHE", "~/.cache/kagglehub")).expanduser()
 
@@ -91,7 +99,10 @@ class KerasHubCLIP:
                              f"whose architecture embedlab knows ({', '.join(sorted(ARCHITECTURES))})")
         else:
             backbone = self._from_preset(request, load_weights=False)
-        return _vision_trunk(backbone, request.input_shape, request.backbone)
+            return self._remember(_vision_trunk(backbone, request.input_shape, request.backbone), backbone,
+                                  self._source(request))
+        # Random weights from hyper-parameters come with no tokenizer files: the byte-level one.
+        return self._remember(_vision_trunk(backbone, request.input_shape, request.backbone), backbone, None)
 
     def pretrained(self, request: TrunkRequest):
         overrides = self.overrides(request.params)
@@ -99,7 +110,37 @@ class KerasHubCLIP:
             raise WeightsUnavailableError(
                 f"backbone {request.backbone!r} has no pretrained weights with the architecture options "
                 f"{sorted(overrides)} (they are for random weights: run with --weights none)")
-        return _vision_trunk(self._from_preset(request, load_weights=True), request.input_shape, request.backbone)
+        backbone = self._from_preset(request, load_weights=True)
+        return self._remember(_vision_trunk(backbone, request.input_shape, request.backbone), backbone,
+                              self._source(request))
+
+    def text_embedder(self, trunk) -> CLIPTextEmbedder:
+        """The text tower of the CLIP whose image tower `trunk` is (same weights), with its tokenizer."""
+        import keras_hub
+
+        from models.backbones.clip_text import byte_level_tokenizer, text_model
+
+        backbone, source = _BUILT[trunk]
+        if source is None:
+            tokenizer, described = byte_level_tokenizer(), "byte-level"
+        else:
+            try:
+                tokenizer, described = keras_hub.models.CLIPTokenizer.from_preset(source), source
+            except Exception as exc:  # offline or an incomplete folder: say which, as for the weights
+                raise WeightsUnavailableError(
+                    f"the CLIP tokenizer of preset {source!r} is not available ({short_reason(exc)}); a keras-hub "
+                    f"preset folder holds it under assets/tokenizer/ (vocabulary.json, merges.txt)") from exc
+        return CLIPTextEmbedder(tokenizer=tokenizer, model=text_model(backbone, trunk.name.removesuffix("_vision")),
+                                tokenizer_source=described)
+
+    @staticmethod
+    def _remember(trunk, backbone, tokenizer_source: str | None):
+        _BUILT[trunk] = (backbone, tokenizer_source)
+        return trunk
+
+    def _source(self, request: TrunkRequest) -> str:
+        preset = self.preset_of(request.params)
+        return str(Path(preset).expanduser()) if _is_local(preset) else preset
 
     def pretrained_cached(self, params: Mapping[str, Any]) -> bool:
         preset = self.preset_of(params)
@@ -113,6 +154,10 @@ class KerasHubCLIP:
         if pretrained and overrides:
             raise ValueError(f"CLIP architecture options {sorted(overrides)} have no pretrained weights: "
                              f"use --weights none")
+        vocabulary = overrides.get("text_vocabulary_size", BYTE_LEVEL_VOCABULARY_SIZE)
+        if vocabulary < BYTE_LEVEL_VOCABULARY_SIZE:
+            raise ValueError(f"CLIP text_vocabulary_size must be at least {BYTE_LEVEL_VOCABULARY_SIZE} (the byte-level "
+                             f"tokenizer of random-weights CLIPs), got {vocabulary}")
         if overrides and preset not in ARCHITECTURES:
             raise ValueError(f"CLIP architecture options {sorted(overrides)} need one of the presets "
                              f"{', '.join(sorted(ARCHITECTURES))}, not {preset!r}")
@@ -126,7 +171,7 @@ class KerasHubCLIP:
 
         preset = self.preset_of(request.params)
         local = _is_local(preset)
-        source = str(Path(preset).expanduser()) if local else preset
+        source = self._source(request)
         try:
             return keras_hub.models.CLIPBackbone.from_preset(source, load_weights=load_weights)
         except Exception as exc:  # offline, missing files, not a keras-hub preset: all mean "not available"

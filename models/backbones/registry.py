@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import keras
 
 __all__ = ["WeightsUnavailableError", "Param", "TrunkRequest", "TrunkBuilder", "BackboneSpec", "BACKBONES",
-           "register", "get_spec", "parameter_help", "FeatureExtractor", "build_feature_extractor",
+           "register", "get_spec", "parameter_help", "FeatureExtractor", "TextTowerBuilder", "build_feature_extractor",
            "seeded_initialisation"]
 
 log = logging.getLogger("embedlab.backbones")
@@ -73,6 +73,13 @@ class TrunkBuilder(Protocol):
         """Raise ValueError for options this trunk cannot honour (e.g. no pretrained weights exist for them)."""
 
 
+class TextTowerBuilder(Protocol):
+    """A trunk builder whose models also read text (CLIP): the text tower that shares the trunk's weights."""
+
+    def text_embedder(self, trunk: keras.Model) -> Any:
+        """An object with `embed(texts) -> TextEmbeddings`, `tokenize`, `dim` (models/backbones/clip_text.py)."""
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
@@ -85,6 +92,11 @@ class BackboneSpec:
     # They are accepted and ignored, and stay in fingerprints so that finished artifacts stay current.
     legacy_keys: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the backbone embeds texts into its image space (a `TextTowerBuilder` trunk)."""
+        return callable(getattr(self.trunk, "text_embedder", None))
 
     def resolve_params(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
         """Every option of this backbone: the given values (coerced to the default's type), else defaults."""
@@ -203,12 +215,17 @@ class FeatureExtractor:
     dim: int
     weights_loaded: str       # what the weights really are: "imagenet", "random", "random (…)", a path
     init_seed: int | None = None  # the seed of the random initialisation, when the weights are random
+    text: Any = None          # CLIPTextEmbedder when asked for (`with_text`) and the backbone has a text tower
 
 
 def build_feature_extractor(name: str, *, weights: str = "imagenet", image_size: int = 0,
                             params: Mapping[str, Any] | None = None, weights_fallback: str = "error",
-                            init_seed: int = 0, **param_values: Any) -> FeatureExtractor:
-    """Build a backbone's extractor. Its options come as `params` or as keywords (`alpha=0.25`)."""
+                            init_seed: int = 0, with_text: bool = False, **param_values: Any) -> FeatureExtractor:
+    """Build a backbone's extractor. Its options come as `params` or as keywords (`alpha=0.25`).
+
+    `with_text`: also build the text tower of the same weights (`FeatureExtractor.text`), where the
+    backbone has one (`BackboneSpec.has_text`); other backbones ignore it.
+    """
     import keras
 
     from models.layers import ImagePreprocess, L2Normalize
@@ -248,5 +265,12 @@ def build_feature_extractor(name: str, *, weights: str = "imagenet", image_size:
     pooled = keras.layers.Activation("linear", dtype="float32", name="pooled")(x)
     embedding = L2Normalize(name="embedding")(pooled)
     model = keras.Model(images, {"pooled": pooled, "embedding": embedding}, name=f"{name}_extractor")
+    text = None
+    if with_text and spec.has_text:
+        if weights not in ("imagenet", "none", "", None):
+            # A weights file holds the trunk (image tower) only; a text tower beside it would be random.
+            log.warning("%s: no text embeddings with a weights file (%s): it holds the image tower only", name, weights)
+        else:
+            text = spec.trunk.text_embedder(trunk)
     return FeatureExtractor(model=model, name=name, image_size=size, dim=int(pooled.shape[-1]),
-                            weights_loaded=weights_loaded, init_seed=seed)
+                            weights_loaded=weights_loaded, init_seed=seed, text=text)

@@ -10,7 +10,7 @@ from models.layers import CLIP_RGB_MEAN, CLIP_RGB_STD, ImagePreprocess
 
 TINY = {"vision_image_size": 32, "vision_patch_size": 8, "vision_hidden_dim": 32, "vision_num_layers": 2,
         "vision_num_heads": 2, "vision_intermediate_dim": 64, "projection_dim": 16, "text_hidden_dim": 16,
-        "text_num_layers": 1, "text_num_heads": 2, "text_intermediate_dim": 32, "text_vocabulary_size": 64}
+        "text_num_layers": 1, "text_num_heads": 2, "text_intermediate_dim": 32, "text_vocabulary_size": 600}
 
 
 def _images(n=3, size=32, seed=0):
@@ -130,3 +130,88 @@ def test_architecture_options_are_checked():
     with pytest.raises(ValueError, match="need one of the presets"):
         get_spec("clip").check({"preset": "clip_vit_h_14_laion2b_s32b_b79k", "vision_num_layers": 2}, 0, "none",
                                "error")
+
+
+# --------------------------------------------------------------------------- the text tower
+
+
+@pytest.fixture(scope="module")
+def tiny_with_text():
+    return build_feature_extractor("clip-vit-b32", weights="none", image_size=32, params=TINY, init_seed=3,
+                                   with_text=True)
+
+
+def test_text_embeddings_are_unit_vectors_of_the_image_space(tiny_with_text):
+    text = tiny_with_text.text
+    assert text is not None and text.dim == tiny_with_text.dim == 16 and text.tokenizer_source == "byte-level"
+    out = text.embed(["a photo of a dress", "Ünïcode — ok?", "", "shirt"], batch_size=3)
+    assert out.embedding.shape == (4, 16) and out.pooled.shape == (4, 16)
+    np.testing.assert_allclose(np.linalg.norm(out.embedding, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(out.embedding, out.pooled / np.linalg.norm(out.pooled, axis=1, keepdims=True),
+                               atol=1e-5)
+    assert not np.allclose(out.embedding[0], out.embedding[3])
+    # Batching changes nothing.
+    np.testing.assert_allclose(text.embed(["shirt"]).embedding[0], out.embedding[3], atol=1e-6)
+
+
+def test_the_text_tower_shares_the_backbones_weights(tiny_with_text):
+    # The text model's variables are the CLIP backbone's own (one build, one set of weights):
+    # the same seed builds an image tower equal to the one without text.
+    again = build_feature_extractor("clip-vit-b32", weights="none", image_size=32, params=TINY, init_seed=3,
+                                    with_text=True)
+    texts = ["a photo of a dress", "boots"]
+    np.testing.assert_array_equal(again.text.embed(texts).embedding, tiny_with_text.text.embed(texts).embedding)
+    image_weights = {id(w) for w in tiny_with_text.model.weights}
+    assert not image_weights & {id(w) for w in tiny_with_text.text.model.weights}
+
+
+def test_texts_are_packed_to_77_tokens_and_cuts_are_reported(tiny_with_text):
+    text = tiny_with_text.text
+    ids, cut = text.tokenize(["ab", "x" * 200])
+    start, end = text.tokenizer.start_token_id, text.tokenizer.end_token_id
+    assert ids.shape == (2, 77) and ids.dtype == np.int32
+    assert ids[0, 0] == start and ids[0, 3] == end and np.all(ids[0, 3:] == end)
+    assert ids[1, 0] == start and ids[1, -1] == end and end not in ids[1, 1:-1]
+    assert cut.tolist() == [False, True]
+    # The end token is the largest id: keras-hub's text pooler finds it with argmax.
+    assert end == text.tokenizer.vocabulary_size() - 1 == ids.max()
+    assert text.embed(["x" * 200]).truncated.tolist() == [True]
+
+
+def test_byte_level_vocabulary_encodes_every_byte():
+    from models.backbones.clip_text import BYTE_LEVEL_VOCABULARY_SIZE, byte_level_vocabulary, byte_to_unicode
+
+    vocabulary, merges = byte_level_vocabulary()
+    assert len(byte_to_unicode()) == 256 and len(set(byte_to_unicode().values())) == 256
+    assert len(vocabulary) == BYTE_LEVEL_VOCABULARY_SIZE == 515 and len(set(vocabulary.values())) == 515
+    assert vocabulary["<|endoftext|>"] == 514 and merges == ["t h"]
+    with pytest.raises(ValueError, match="text_vocabulary_size must be at least 515"):
+        get_spec("clip-vit-b32").check({**TINY, "text_vocabulary_size": 64}, 32, "none", "error")
+
+
+def test_backbones_without_a_text_tower_give_none():
+    assert get_spec("clip").has_text and get_spec("clip-vit-l14").has_text
+    assert not get_spec("mobilenet").has_text
+    fe = build_feature_extractor("mobilenet", weights="none", image_size=32, params={"alpha": 0.25}, with_text=True)
+    assert fe.text is None
+
+
+def test_a_local_keras_hub_preset_brings_its_weights_and_tokenizer(tmp_path, tiny_with_text):
+    import keras_hub
+
+    from models.backbones.clip import _BUILT  # noqa: PLC2701  (the test reads the registry of builds)
+
+    trunk = next(layer for layer in tiny_with_text.model.layers if isinstance(layer, keras.Model))
+    backbone, _ = _BUILT[trunk]
+    folder = tmp_path / "preset"
+    backbone.save_to_preset(str(folder))
+    tiny_with_text.text.tokenizer.save_to_preset(str(folder))
+    fe = build_feature_extractor("clip", weights="imagenet", image_size=32, params={"preset": str(folder)},
+                                 with_text=True)
+    assert fe.weights_loaded == "imagenet" and fe.text.tokenizer_source == str(folder)
+    x = _images(2, seed=5)
+    np.testing.assert_allclose(fe.model.predict(x, verbose=0)["embedding"],
+                               tiny_with_text.model.predict(x, verbose=0)["embedding"], atol=1e-5)
+    texts = ["a photo of a dress", "boots"]
+    np.testing.assert_allclose(fe.text.embed(texts).embedding, tiny_with_text.text.embed(texts).embedding, atol=1e-5)
+    assert isinstance(fe.text.tokenizer, keras_hub.models.CLIPTokenizer)

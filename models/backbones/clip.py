@@ -20,7 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from models.backbones.clip_text import BYTE_LEVEL_VOCABULARY_SIZE, CLIPTextEmbedder
+from models.backbones.hf_clip import HFCLIPError, keras_hub_preset_for
 from models.backbones.registry import BackboneSpec, Param, TrunkRequest, register
 from models.backbones.weights import WeightsUnavailableError, short_reason
 
@@ -98,9 +101,8 @@ class KerasHubCLIP:
             raise ValueError(f"backbone {request.backbone!r}: architecture options {sorted(overrides)} need a preset "
                              f"whose architecture embedlab knows ({', '.join(sorted(ARCHITECTURES))})")
         else:
-            backbone = self._from_preset(request, load_weights=False)
-            return self._remember(_vision_trunk(backbone, request.input_shape, request.backbone), backbone,
-                                  self._source(request))
+            backbone, source = self._from_preset(request, load_weights=False)
+            return self._remember(_vision_trunk(backbone, request.input_shape, request.backbone), backbone, source)
         # Random weights from hyper-parameters come with no tokenizer files: the byte-level one.
         return self._remember(_vision_trunk(backbone, request.input_shape, request.backbone), backbone, None)
 
@@ -110,9 +112,8 @@ class KerasHubCLIP:
             raise WeightsUnavailableError(
                 f"backbone {request.backbone!r} has no pretrained weights with the architecture options "
                 f"{sorted(overrides)} (they are for random weights: run with --weights none)")
-        backbone = self._from_preset(request, load_weights=True)
-        return self._remember(_vision_trunk(backbone, request.input_shape, request.backbone), backbone,
-                              self._source(request))
+        backbone, source = self._from_preset(request, load_weights=True)
+        return self._remember(_vision_trunk(backbone, request.input_shape, request.backbone), backbone, source)
 
     def text_embedder(self, trunk) -> CLIPTextEmbedder:
         """The text tower of the CLIP whose image tower `trunk` is (same weights), with its tokenizer."""
@@ -132,6 +133,15 @@ class KerasHubCLIP:
                     f"preset folder holds it under assets/tokenizer/ (vocabulary.json, merges.txt)") from exc
         return CLIPTextEmbedder(tokenizer=tokenizer, model=text_model(backbone, trunk.name.removesuffix("_vision")),
                                 tokenizer_source=described)
+
+    def finetune_units(self, trunk) -> list:
+        """Input to output: the patch and position embedding, the pre layer norm, each transformer block,
+        the post layer norm, the vision projection (`finetune_layers: N` trains the last N of them)."""
+        import keras_hub
+
+        encoder = next(layer for layer in trunk.layers if isinstance(layer, keras_hub.models.CLIPVisionEncoder))
+        return [encoder.embedding, encoder.pre_layer_norm, *encoder.encoder_layers, encoder.layer_norm,
+                trunk.get_layer("vision_projection")]
 
     @staticmethod
     def _remember(trunk, backbone, tokenizer_source: str | None):
@@ -167,13 +177,19 @@ class KerasHubCLIP:
     # ----------------------------------------------------------------- keras-hub
 
     def _from_preset(self, request: TrunkRequest, load_weights: bool):
+        """(the CLIPBackbone, the keras-hub preset it came from: its tokenizer is there too)."""
         import keras_hub
 
         preset = self.preset_of(request.params)
         local = _is_local(preset)
         source = self._source(request)
         try:
-            return keras_hub.models.CLIPBackbone.from_preset(source, load_weights=load_weights)
+            if local:
+                # A Hugging Face CLIP folder is converted once into a keras-hub preset (models/backbones/hf_clip.py).
+                source = str(keras_hub_preset_for(source))
+            return keras_hub.models.CLIPBackbone.from_preset(source, load_weights=load_weights), source
+        except HFCLIPError as exc:  # a Hugging Face folder that cannot be converted says why itself
+            raise WeightsUnavailableError(f"backbone {request.backbone!r}: {exc}") from exc
         except Exception as exc:  # offline, missing files, not a keras-hub preset: all mean "not available"
             what = "weights" if load_weights else "architecture (config.json)"
             if local:
@@ -202,6 +218,10 @@ def _backbone_from_hyperparameters(arch: Mapping[str, int]):
         vocabulary_size=arch["text_vocabulary_size"], embedding_dim=arch["text_hidden_dim"],
         hidden_dim=arch["text_hidden_dim"], num_layers=arch["text_num_layers"], num_heads=arch["text_num_heads"],
         intermediate_dim=arch["text_intermediate_dim"], max_sequence_length=MAX_SEQUENCE_LENGTH)
+    # keras-hub creates the patch position ids as zeros and relies on a preset's weights to fill them;
+    # a random build must number them itself, or every patch gets the same position embedding.
+    positions = vision.embedding.position_ids
+    positions.assign(np.arange(positions.shape[-1], dtype=positions.dtype)[None])
     return keras_hub.models.CLIPBackbone(vision_encoder=vision, text_encoder=text,
                                          projection_dim=arch["projection_dim"])
 

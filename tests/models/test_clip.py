@@ -215,3 +215,13 @@ def test_a_local_keras_hub_preset_brings_its_weights_and_tokenizer(tmp_path, tin
     texts = ["a photo of a dress", "boots"]
     np.testing.assert_allclose(fe.text.embed(texts).embedding, tiny_with_text.text.embed(texts).embedding, atol=1e-5)
     assert isinstance(fe.text.tokenizer, keras_hub.models.CLIPTokenizer)
+
+
+def test_random_clip_numbers_its_patch_positions(tiny_with_text):
+    # keras-hub leaves position ids at zero until a preset's weights fill them.
+    from models.backbones.clip import _BUILT  # noqa: PLC2701
+
+    trunk = next(layer for layer in tiny_with_text.model.layers if isinstance(layer, keras.Model))
+    backbone, _ = _BUILT[trunk]
+    positions = np.asarray(backbone.vision_encoder.embedding.position_ids)
+    np.testing.assert_array_equal(positions, np.arange(1 + (32 // 8) ** 2)[None])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,14 @@ class DataConfig:
     tfrecords_dir: str = "tfrecords"
     # Worker processes for decoding/validation; 0 = one per CPU core.
     workers: int = 0
+    # Texts (a manifest's `text` column) longer than this many characters are reported and kept whole;
+    # CLIP's cut at 77 tokens is counted in phase 1, where the tokenizer is known.
+    max_text_chars: int = 1000
+    # A class-name prompt such as "a photo of a {label}" ("" = none): with text_prompt_mode "missing" it
+    # becomes the text of items without one, with "all" the text of every item. `{label}` is the only
+    # field; underscores in class names become spaces.
+    text_prompt: str = ""
+    text_prompt_mode: str = "missing"
 
 
 @dataclass(init=False)
@@ -132,6 +141,11 @@ class ExtractConfig:
     write_json: bool = True
     # FAISS index over the unit embeddings: "flat" (exact inner product) or "hnsw".
     index: str = "flat"
+    # Backbones with a text tower (CLIP): also embed the items' texts and one prompt per class.
+    text: bool = True
+    # The class prompt of zero-shot classification ("{label}" = the class name, underscores as spaces).
+    # Embedded here in phase 1, where the text tower is, so it belongs to this section and its fingerprint.
+    zero_shot_prompt: str = "a photo of a {label}"
 
 
 @dataclass
@@ -181,6 +195,8 @@ class TrainConfig:
     # "head": frozen backbone, train the head on cached phase-1 features.
     # "finetune": train the trunk's last layers and the head end to end, on images.
     mode: str = field(default="head", metadata={"fingerprint": True})
+    # Width of the trained embedding head. Finetune mode only: 0 = no head, the backbone's own
+    # L2-normalised output is the embedding (CLIP fine-tuned as it is, e.g. configs/clip-supcon.yaml).
     embedding_dim: int = field(default=512, metadata={"fingerprint": True})
     epochs: int = field(default=30, metadata={"fingerprint": True})
     # Class-balanced batches: P classes × K samples.
@@ -224,14 +240,25 @@ class TrainConfig:
     hard_negative_share: float = field(default=0.0, metadata={"fingerprint": True, "omitted_at": 0.0})
     hard_negatives_per_item: int = field(default=10, metadata={"fingerprint": True,
                                                                 "used_if": "hard_negative_share"})
-    # Finetune mode only. How many of the trunk's last layers train (BatchNormalization
-    # layers among them stay frozen); 0 trains the head alone, on images.
+    # Finetune mode only. How many of the trunk's last units train, counted from the output
+    # (BatchNormalization layers among them stay frozen); 0 trains the head alone, on images; a count
+    # at or above the number of units trains the whole trunk. The units are the backbone's
+    # (models/backbones/registry.py `finetune_units`): for keras.applications backbones the trunk's
+    # layers; for CLIP, input to output: patch+position embedding, pre layer norm, each transformer
+    # block, post layer norm, projection. So for CLIP 1 = the projection, 2 = + post layer norm,
+    # 2 + b = + the last b transformer blocks, blocks + 4 = the whole vision tower (28 for ViT-L/14).
     finetune_layers: int = field(default=20, metadata={"fingerprint": True, "modes": ("finetune",)})
     # The trunk's learning rate; the head trains at `learning_rate` (one AdamW with a
     # per-variable multiplier, models/optimizers.py).
     finetune_learning_rate: float = field(default=1e-4, metadata={"fingerprint": True, "modes": ("finetune",)})
     # Random resized crop, horizontal flip and mild colour jitter of training images.
     augment: bool = field(default=True, metadata={"fingerprint": True, "modes": ("finetune",)})
+    # After every epoch, the top-k neighbours (exact cosine search) of every validation item (the
+    # items the epoch's val_P@1 / val_MAP@R score, leave-one-out), ranked by the model as it is at the
+    # end of that epoch: results/retrieval_results_epoch_XX.json in the model's folder, a list of
+    # {query_id, query_label, ranked_ids, scores, labels}. 0 = off. Fingerprinted (the files come
+    # only from training) except at 0, so models trained before the setting existed stay current.
+    epoch_results_top_k: int = field(default=0, metadata={"fingerprint": True, "omitted_at": 0})
 
 
 @dataclass
@@ -315,6 +342,7 @@ _CHOICES = {
     ("data", "split"): ("stratified", "classes"),
     ("data", "class_order"): ("shuffled", "sorted"),
     ("data", "label_from"): ("first", "parent"),
+    ("data", "text_prompt_mode"): ("missing", "all"),
     ("extract", "dtype"): ("float32", "float16"),
     ("extract", "index"): ("flat", "hnsw"),
     ("train", "mode"): ("head", "finetune"),
@@ -340,6 +368,10 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"data.{key} must not be negative")
     if config.data.shard_size < 1:
         raise ConfigError("data.shard_size must be at least 1")
+    if config.data.max_text_chars < 1:
+        raise ConfigError("data.max_text_chars must be at least 1")
+    _validate_prompt(config.data.text_prompt, "data.text_prompt", required=False)
+    _validate_prompt(config.extract.zero_shot_prompt, "extract.zero_shot_prompt", required=True)
     if config.extract.batch_size < 1:
         raise ConfigError("extract.batch_size must be at least 1")
     if config.evaluate.k < 1:
@@ -356,6 +388,22 @@ def validate(config: RunConfig) -> None:
     for p in config.evaluate.projections:
         if p not in ("pca", "tsne", "umap"):
             raise ConfigError(f"evaluate.projections: unknown method {p!r}")
+
+
+def _validate_prompt(template: str, where: str, required: bool) -> None:
+    """A class-name prompt: text with `{label}` (at least once) and no other field."""
+    if not template and not required:
+        return
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {template!r} is not a valid template ({exc}); write braces as {{{{ }}}}") \
+            from None
+    others = sorted({f"{{{name}}}" for name, spec, conversion in fields if name != "label" or spec or conversion})
+    if others or not fields:
+        raise ConfigError(f"{where}: {template!r} must name the class as {{label}} and hold no other field"
+                          + (f" (found {', '.join(others)})" if others else ""))
 
 
 def _validate_backbone(backbone: BackboneConfig, where: str) -> None:
@@ -377,8 +425,13 @@ def _validate_training(train: TrainConfig) -> None:
     for key in ("n_classes_per_batch", "n_samples_per_class"):
         if getattr(train, key) < 2:
             raise ConfigError(f"train.{key} must be at least 2")
-    if train.epochs < 1 or train.steps_per_epoch < 0 or train.embedding_dim < 1:
-        raise ConfigError("train.epochs and train.embedding_dim must be positive, train.steps_per_epoch >= 0")
+    if train.epochs < 1 or train.steps_per_epoch < 0 or train.embedding_dim < 0:
+        raise ConfigError("train.epochs must be positive, train.embedding_dim and train.steps_per_epoch >= 0")
+    if train.embedding_dim == 0 and train.mode != "finetune":
+        raise ConfigError("train.embedding_dim 0 (no head) needs train.mode finetune: in head mode the head is "
+                          "all that trains")
+    if train.epoch_results_top_k < 0:
+        raise ConfigError(f"train.epoch_results_top_k must be >= 0 (0 = off), got {train.epoch_results_top_k}")
     if train.finetune_layers < 0 or train.finetune_learning_rate <= 0 or train.learning_rate <= 0:
         raise ConfigError("train.finetune_layers must be >= 0, train.learning_rate and "
                           "train.finetune_learning_rate positive")

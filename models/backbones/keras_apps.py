@@ -37,6 +37,10 @@ class KerasApplication:
         load_weights_file(trunk, path, request.backbone)
         return trunk
 
+    def finetune_units(self, trunk) -> list:
+        """A keras.applications model is one flat graph: its layers, input to output, are the units."""
+        return list(trunk.layers)
+
     def pretrained_cached(self, params: Mapping[str, Any]) -> bool:
         try:
             return cached_weights(self.weights_file(params)) is not None

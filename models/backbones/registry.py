@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["WeightsUnavailableError", "Param", "TrunkRequest", "TrunkBuilder", "BackboneSpec", "BACKBONES",
            "register", "get_spec", "parameter_help", "FeatureExtractor", "TextTowerBuilder", "build_feature_extractor",
-           "seeded_initialisation"]
+           "seeded_initialisation", "FinetunableTrunkBuilder", "finetune_units"]
 
 log = logging.getLogger("embedlab.backbones")
 
@@ -58,7 +58,11 @@ class TrunkRequest:
 
 
 class TrunkBuilder(Protocol):
-    """How a spec makes its trunk (the network before pooling)."""
+    """How a spec makes its trunk (the network before pooling).
+
+    A builder may also say which parts of its trunk fine-tuning counts (`FinetunableTrunkBuilder`);
+    one that does not has the trunk's own layers counted (`finetune_units`).
+    """
 
     def random(self, request: TrunkRequest) -> keras.Model:
         """The trunk from a random initialisation."""
@@ -78,6 +82,24 @@ class TextTowerBuilder(Protocol):
 
     def text_embedder(self, trunk: keras.Model) -> Any:
         """An object with `embed(texts) -> TextEmbeddings`, `tokenize`, `dim` (models/backbones/clip_text.py)."""
+
+
+class FinetunableTrunkBuilder(Protocol):
+    """A trunk builder that names the units fine-tuning counts (phase 3, finetune mode)."""
+
+    def finetune_units(self, trunk: keras.Model) -> list[keras.layers.Layer]:
+        """The trunk's trainable units in order, input to output; `train.finetune_layers: N` trains the last N.
+
+        Together they must hold every variable of the trunk (a transformer's blocks live inside one
+        nested encoder layer, so the trunk's own `layers` would not name them).
+        """
+
+
+def finetune_units(name: str, trunk: keras.Model) -> list[keras.layers.Layer]:
+    """The ordered trainable units of backbone `name`'s `trunk`: its builder's `finetune_units`, else the
+    trunk's own layers."""
+    units = getattr(get_spec(name).trunk, "finetune_units", None)
+    return list(units(trunk)) if callable(units) else list(trunk.layers)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@
     runs/<run>/dataset_ref.json          which dataset build the run was made on (`write_dataset_ref`)
     runs/<run>/embeddings/<tag>/         an embedding set (`write_embedding_artifacts`, `load_embeddings`)
         items.csv, embeddings.npy, features_raw.npy, embeddings.json, index.faiss, meta.json (last)
+        and, for backbones with a text tower (`write_text_artifacts`, `load_text_embeddings`):
+        text_embeddings.npy, class_prompt_embeddings.npy, items.csv's `has_text`, meta.json's "text"
 
 An artifact is current when its stored fingerprint equals the fingerprint of the settings and
 inputs that would produce it now (`is_current`). Every phase checks the fingerprints it depends
@@ -29,6 +31,8 @@ META_JSON = "meta.json"
 ITEMS_CSV = "items.csv"
 # Text columns stay text ("001" is a class name, not 1; an empty group is "", not NaN).
 ITEMS_DTYPES = {"id": str, "split": str, "label_name": str, "path": str, "text": str, "group": str}
+TEXT_EMBEDDINGS_NPY = "text_embeddings.npy"
+CLASS_PROMPTS_NPY = "class_prompt_embeddings.npy"
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -62,6 +66,10 @@ def dataset_settings(data) -> dict:
     fields = ("source", "split", "class_order", "ratios", "seed", "label_from", "max_side", "limit_per_class")
     settings = {k: data.get(k) for k in fields}
     settings["ratios"] = [float(r) for r in settings["ratios"] or []]
+    # Prompts change the stored texts; they enter only when set, so datasets without them keep their folders.
+    if data.get("text_prompt"):
+        settings["text_prompt"] = data["text_prompt"]
+        settings["text_prompt_mode"] = data.get("text_prompt_mode") or "missing"
     return settings
 
 
@@ -70,12 +78,16 @@ def dataset_settings_key(data) -> str:
     return fingerprint_of(dataset_settings(data))[:8]
 
 
-def extraction_fingerprint(dataset_meta: dict, backbone, settings) -> str:
-    """What a phase-1 embedding set was computed from."""
-    return fingerprint_of({
+def extraction_fingerprint(dataset_meta: dict, backbone, settings, text: dict | None = None) -> str:
+    """What a phase-1 embedding set was computed from; `text`: the text settings of a backbone that embeds
+    texts (None for the others, so their fingerprints stay those of before texts were embedded)."""
+    inputs = {
         "dataset": dataset_meta.get("fingerprint"), "backbone": backbone.fingerprint_fields(),
         "splits": settings.splits, "dtype": settings.dtype, "index": settings.index, "json": settings.write_json,
-    })
+    }
+    if text is not None:
+        inputs["text"] = text
+    return fingerprint_of(inputs)
 
 
 def evaluation_fingerprint(emb_meta: dict, settings) -> str:
@@ -237,3 +249,45 @@ def write_embeddings_json(path: Path, items, unit: np.ndarray, chunk: int = 2048
             f.write(",\n".join(lines))
             f.write(",\n" if start + chunk < len(unit) else "\n")
         f.write("]\n")
+
+
+# --------------------------------------------------------------------------- text embeddings
+
+
+def write_text_artifacts(out: Path, text_unit: np.ndarray | None, class_prompts: np.ndarray) -> None:
+    """A text tower's arrays, float32 with unit rows: text_embeddings.npy (n_items, d) in items.csv's row order,
+    all-zero rows for items without text (None: no item has one, and no file); class_prompt_embeddings.npy
+    (n_classes, d), one prompt per class in label order. The caller records meta.json's "text" and writes
+    items.csv with its `has_text` column."""
+    remove_text_artifacts(out)
+    if text_unit is not None:
+        atomic.save_npy(out / TEXT_EMBEDDINGS_NPY, np.asarray(text_unit, np.float32))
+    atomic.save_npy(out / CLASS_PROMPTS_NPY, np.asarray(class_prompts, np.float32))
+
+
+def remove_text_artifacts(out: Path) -> None:
+    """Text arrays of an earlier extraction no longer describe the embeddings once these are redone."""
+    for name in (TEXT_EMBEDDINGS_NPY, CLASS_PROMPTS_NPY):
+        (out / name).unlink(missing_ok=True)
+
+
+def load_text_embeddings(emb_dir: Path, items, meta: dict) -> dict | None:
+    """The text side of a finished embedding set, or None when it has none (a backbone without a text tower,
+    `extract.text` off, or a trained model's set): {"text": (n, d) or None, "has_text": (n,) bool,
+    "class_prompts": (n_classes, d), "prompts": [str], "meta": meta.json's "text"}."""
+    info = meta.get("text")
+    if not isinstance(info, dict) or not (emb_dir / CLASS_PROMPTS_NPY).is_file():
+        return None
+    prompts = np.load(emb_dir / CLASS_PROMPTS_NPY).astype(np.float32, copy=False)
+    has_text = items["has_text"].astype(bool).to_numpy() if "has_text" in items else np.zeros(len(items), bool)
+    text = None
+    if has_text.any():
+        if not (emb_dir / TEXT_EMBEDDINGS_NPY).is_file():
+            raise PhaseInputError(f"{emb_dir}: items.csv marks texts but {TEXT_EMBEDDINGS_NPY} is missing: "
+                                  "run `python run.py phase1 --force`")
+        text = np.load(emb_dir / TEXT_EMBEDDINGS_NPY).astype(np.float32, copy=False)
+        if text.shape[0] != len(items) or text.shape[1] != prompts.shape[1]:
+            raise PhaseInputError(f"{emb_dir}: {TEXT_EMBEDDINGS_NPY} {text.shape} does not match items.csv "
+                                  f"({len(items)} rows) and the class prompts ({prompts.shape[1]}-d)")
+    return {"text": text, "has_text": has_text, "class_prompts": prompts,
+            "prompts": list(info.get("class_prompts") or []), "meta": info}

@@ -1,10 +1,17 @@
-"""Decode and normalise every candidate image of phase 0, in worker processes when it pays off.
+"""Decode and normalise every candidate image of phase 0, in worker processes when it pays off, and check
+their texts.
 
 Accepted images are spilled to one temporary file (their encoded bytes), so memory stays flat
 however large the source; `Accepted` says where each one's bytes sit.
+
+Texts (captions, prompts, product metadata): an empty, NaN-like ("nan", "None", "NULL", ...) or
+whitespace-only text is missing (the item is kept, its text becomes ""); a text longer than
+`data.max_text_chars` is reported and kept whole (how much of it CLIP reads, 75 tokens, is counted in
+phase 1, where the tokenizer is known); `data.text_prompt` fills in class-name prompts.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import multiprocessing
@@ -144,3 +151,67 @@ def validate(candidates: list[SourceItem], data: DataConfig, spill) -> tuple[lis
     finally:
         validator.close()
     return accepted, rejects
+
+
+# --------------------------------------------------------------------------- texts
+
+# What spreadsheets and pandas write for "no value"; compared case-insensitively, after stripping.
+NAN_LIKE_TEXTS = frozenset({"nan", "none", "null", "na", "n/a", "<na>", "#n/a", "nat"})
+OVER_LONG_EXAMPLES = 5
+
+
+def missing_text_reason(text: str) -> str:
+    """"" for a usable text, else why it counts as missing: "empty", "NaN-like" or "whitespace only"."""
+    if text == "":
+        return "empty"
+    stripped = text.strip()
+    if not stripped:
+        return "whitespace only"
+    return "NaN-like" if stripped.lower() in NAN_LIKE_TEXTS else ""
+
+
+def class_prompt(template: str, label_name: str) -> str:
+    """The prompt of one class: `{label}` filled with its name, underscores as spaces ("ankle_boot" reads
+    "ankle boot" to a text encoder). The template was checked by pipeline.config.validate."""
+    return template.format(label=label_name.replace("_", " "))
+
+
+@dataclass(frozen=True)
+class TextCheck:
+    items: list[SourceItem]         # the items with their texts as the dataset stores them
+    missing: dict[str, str]         # id -> why the source's text counts as missing
+    from_prompt: frozenset[str]     # ids whose stored text is a class prompt
+
+
+def check_texts(items: Sequence[SourceItem], data: DataConfig) -> TextCheck:
+    """Missing texts become "", and `data.text_prompt` fills them ("missing") or replaces every text ("all")."""
+    checked, missing, prompted = [], {}, set()
+    for item in items:
+        reason = missing_text_reason(item.text)
+        text = "" if reason else item.text
+        if reason:
+            missing[item.id] = reason
+        if data.text_prompt and (reason or data.text_prompt_mode == "all"):
+            text = class_prompt(data.text_prompt, item.label_name)
+            prompted.add(item.id)
+        checked.append(item if text == item.text else dataclasses.replace(item, text=text))
+    return TextCheck(checked, missing, frozenset(prompted))
+
+
+def text_summary(items: Sequence[SourceItem], check: TextCheck, data: DataConfig) -> dict:
+    """dataset.json's "texts": counts over the items kept in the dataset."""
+    stored = [item for item in items if item.text]
+    over_long = [item.id for item in stored if len(item.text) > data.max_text_chars]
+    missing = Counter(check.missing[item.id] for item in items if item.id in check.missing)
+    return {
+        "with_text": len(stored),
+        "empty": len(items) - len(stored),
+        # Items whose source text was missing, by reason (a prompt may have filled them since).
+        "missing_in_source": dict(sorted(missing.items())),
+        "over_long": len(over_long),
+        "over_long_examples": over_long[:OVER_LONG_EXAMPLES],
+        "from_prompt": sum(item.id in check.from_prompt for item in items),
+        "max_text_chars": data.max_text_chars,
+        "prompt": data.text_prompt,
+        "prompt_mode": data.text_prompt_mode if data.text_prompt else "",
+    }

@@ -7,9 +7,19 @@ Per backbone, in `runs/<run>/embeddings/<tag>/` (formats in pipeline/core/artifa
     embeddings.json    the interchange format: [{id, label, label_name, split, path, vector}, …]
     index.faiss        FAISS index over embeddings.npy
     meta.json          written last: its presence (with a matching fingerprint) marks the work done
+and for backbones with a text tower (CLIP; `extract.text`, on by default):
+    text_embeddings.npy           (n_items, d) float32, unit rows in items.csv's order; all-zero rows
+                                  for items without text (items.csv `has_text`); absent when no item has one
+    class_prompt_embeddings.npy   (n_classes, d) float32, unit rows in label order: `extract.zero_shot_prompt`
+                                  per class, for phase 2's zero-shot classification
+    meta.json "text"              counts: items with text, distinct texts, texts cut at 77 tokens, texts/s
 
 Work is checkpointed per TFRecord shard in `parts/`, so an interrupted extraction
 resumes at the first unfinished shard; parts are only assembled when all exist.
+Texts are embedded once, at assembly, not per shard: they are cheap (a 77-token text
+costs a fraction of an image), each distinct text is embedded once, and an interruption
+there resumes from the finished parts. Their settings enter the fingerprint, so changing
+them redoes the extraction.
 """
 from __future__ import annotations
 
@@ -25,13 +35,18 @@ import numpy as np
 from pipeline.config import BackboneConfig, ExtractConfig, RunConfig
 from pipeline.core import atomic
 from pipeline.core.artifacts import (
-    dataset_label, extraction_fingerprint, is_current, load_dataset_meta, write_embedding_artifacts,
+    dataset_label, extraction_fingerprint, is_current, load_dataset_meta, remove_text_artifacts,
+    write_embedding_artifacts, write_text_artifacts,
 )
 from pipeline.core.errors import PhaseInputError
 from pipeline.core.run_dir import RunDir, backbone_tag
+from pipeline.data.validate import class_prompt, missing_text_reason
 from pipeline.vectors.normalize import l2_normalize
 
 log = logging.getLogger("embedlab.extract")
+
+# Bump when the way texts are embedded changes (it enters the fingerprint of backbones with a text tower only).
+TEXT_EMBEDDING_VERSION = 1
 
 
 def run_extract(config: RunConfig, force: bool = False) -> list[Path]:
@@ -63,7 +78,8 @@ def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConf
     tag = backbone_tag(backbone)
     out = run_dir.embeddings_dir(tag)
     dataset = dataset_label(run_dir, dataset_meta)
-    fingerprint = extraction_fingerprint(dataset_meta, backbone, settings)
+    text = text_settings(backbone, settings)
+    fingerprint = extraction_fingerprint(dataset_meta, backbone, settings, text)
     meta_path = out / "meta.json"
     if not force and is_current(meta_path, fingerprint) and \
             not _fallback_now_avoidable(atomic.read_json(meta_path), backbone):
@@ -78,7 +94,7 @@ def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConf
     # Built before any folder is made, so that a failure here (weights that cannot be
     # downloaded, say) leaves nothing behind.
     with strategy.scope():
-        extractor = build_feature_extractor(**backbone.extractor_options())
+        extractor = build_feature_extractor(**backbone.extractor_options(with_text=text is not None))
 
     parts_dir = out / "parts"
     stamp = parts_dir / "fingerprint.txt"
@@ -127,7 +143,15 @@ def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConf
     finally:
         bar.close()
 
-    _assemble(out, parts_dir, [shard for _, shard in shards], settings)
+    items, raw = _assemble(parts_dir, [shard for _, shard in shards])
+    if extractor.text is not None:
+        items["has_text"] = [not missing_text_reason(t) for t in items["text"]]
+    write_embedding_artifacts(out, items, raw, l2_normalize(raw), settings)
+    text_meta = None
+    if extractor.text is not None:
+        text_meta = embed_texts(out, items, extractor.text, list(dataset_meta.get("classes", [])), settings)
+    else:
+        remove_text_artifacts(out)
     counts = {split: sum(1 for s, _ in shards if s == split) for split in settings.splits}
     items = np.load(out / "embeddings.npy", mmap_mode="r").shape[0]
     atomic.write_json(meta_path, {
@@ -138,7 +162,7 @@ def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConf
         "throughput_img_s": (predicted / predict_seconds) if predicted else None,
         "images_timed": predicted, "dataset": run_dir.dataset_dir.as_posix(),
         "dataset_fingerprint": dataset_meta.get("fingerprint"), "fingerprint": fingerprint,
-        "mixed_precision": settings.mixed_precision,
+        "mixed_precision": settings.mixed_precision, "text": text_meta,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
     shutil.rmtree(parts_dir, ignore_errors=True)
@@ -184,7 +208,8 @@ class _ProgressCallback:
         return Callback()
 
 
-def _assemble(out: Path, parts_dir: Path, shards: list[Path], settings: ExtractConfig) -> None:
+def _assemble(parts_dir: Path, shards: list[Path]):
+    """(items, raw pooled features) of every shard's part, in shard order."""
     import pandas as pd
 
     pooled, columns = [], {k: [] for k in ("split", "id", "label", "label_name", "path", "text", "group")}
@@ -194,5 +219,49 @@ def _assemble(out: Path, parts_dir: Path, shards: list[Path], settings: ExtractC
             for key in columns:
                 columns[key].extend(part[key].tolist())
     raw = np.concatenate(pooled).astype(np.float32)
-    items = pd.DataFrame({"row": np.arange(len(raw)), **columns})
-    write_embedding_artifacts(out, items, raw, l2_normalize(raw), settings)
+    return pd.DataFrame({"row": np.arange(len(raw)), **columns}), raw
+
+
+def text_settings(backbone: BackboneConfig, settings: ExtractConfig) -> dict | None:
+    """What decides a backbone's text embeddings, for its fingerprint; None when it embeds no text."""
+    from models.backbones import get_spec
+
+    if not settings.text or not get_spec(backbone.name).has_text:
+        return None
+    return {"zero_shot_prompt": settings.zero_shot_prompt, "version": TEXT_EMBEDDING_VERSION}
+
+
+def embed_texts(out: Path, items, embedder, classes: list[str], settings: ExtractConfig) -> dict:
+    """Embed the items' texts (each distinct text once) and one prompt per class; write them; return the
+    counts for meta.json. Items without text get all-zero rows."""
+    has_text = items["has_text"].to_numpy(bool)
+    texts = items["text"].to_numpy(object)
+    distinct = list(dict.fromkeys(texts[has_text].tolist()))
+    # Where label names with underscores become spaces: pipeline.data.validate.class_prompt.
+    prompts = [class_prompt(settings.zero_shot_prompt, name) for name in classes]
+    started = time.perf_counter()
+    embedded = embedder.embed(distinct, batch_size=settings.batch_size)
+    seconds = time.perf_counter() - started
+    prompt_embedded = embedder.embed(prompts, batch_size=settings.batch_size)
+    if not (np.isfinite(embedded.embedding).all() and np.isfinite(prompt_embedded.embedding).all()):
+        raise RuntimeError("the text tower produced non-finite embeddings")
+    text_unit, n_truncated = None, 0
+    if distinct:
+        position = {text: i for i, text in enumerate(distinct)}
+        of_item = np.array([position[t] for t in texts[has_text]], dtype=np.int64)
+        text_unit = np.zeros((len(items), embedder.dim), np.float32)
+        text_unit[has_text] = embedded.embedding[of_item]
+        n_truncated = int(embedded.truncated[of_item].sum())
+    write_text_artifacts(out, text_unit, prompt_embedded.embedding)
+    if n_truncated:
+        log.warning("phase 1: %d of %d texts are longer than CLIP's 77 tokens and were cut", n_truncated,
+                    int(has_text.sum()))
+    log.info("phase 1: %d texts (%d distinct) and %d class prompts embedded%s", int(has_text.sum()),
+             len(distinct), len(prompts), f", {len(distinct) / seconds:.1f} texts/s" if distinct else "")
+    return {
+        "n_items_with_text": int(has_text.sum()), "n_distinct_texts": len(distinct),
+        "n_truncated": n_truncated, "texts_per_s": (len(distinct) / seconds) if distinct and seconds else None,
+        "dim": embedder.dim, "tokenizer": embedder.tokenizer_source,
+        "zero_shot_prompt": settings.zero_shot_prompt, "class_prompts": prompts,
+        "n_class_prompts_truncated": int(prompt_embedded.truncated.sum()),
+    }

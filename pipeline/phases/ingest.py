@@ -34,12 +34,15 @@ from pipeline.data import shards as shard_writer
 from pipeline.data.schema import SCHEMA_VERSION, SPLITS
 from pipeline.data.sources import SourceError, SourceItem, discover, load_builtin, source_kind
 from pipeline.data.splits import SplitItem, SplitResult, assign_splits
-from pipeline.data.validate import Accepted, validate
+from pipeline.data.validate import Accepted, TextCheck, check_texts, text_summary, validate
 
 log = logging.getLogger("embedlab.ingest")
 
 # Bump when the way images are normalised changes, so old datasets get rebuilt.
 INGEST_VERSION = 1
+# Bump when the way texts are checked or filled changes: it enters the fingerprint of datasets with texts only,
+# so datasets without any text (folders, built-ins) are not rebuilt for it.
+TEXT_RULES_VERSION = 1
 # The console names this many reject reasons, then counts the rest.
 REASONS_SHOWN = 5
 
@@ -75,7 +78,8 @@ def run_ingest(config: RunConfig, force: bool = False) -> Path:
             raise IngestError(str(exc)) from exc
 
     rejects = [(item.path or item.id, item.reject) for item in listed if item.reject]
-    candidates = [item for item in listed if not item.reject]
+    texts = check_texts([item for item in listed if not item.reject], data)
+    candidates = texts.items
     if not candidates:
         detail = f"; all {len(rejects)} file(s) were refused, e.g. {_examples(rejects)}" if rejects else ""
         raise IngestError(f"no image files found in source {data.source!r}{detail}")
@@ -110,7 +114,7 @@ def run_ingest(config: RunConfig, force: bool = False) -> Path:
     shard_writer.write_manifest(out / MANIFEST_CSV, by_split, label_index)
     shard_writer.write_rejects(out / REJECTS_CSV, rejects)
 
-    summary = _summary(data, kind, fingerprint, classes, accepted, rejects, result, shards)
+    summary = _summary(data, kind, fingerprint, classes, accepted, rejects, result, shards, texts)
     summary["warnings"] = evaluation_warnings(summary["counts"], config.evaluate)
     write_json(out / DATASET_JSON, summary)
     shard_writer.remove_stale_shards(out, shards)
@@ -131,7 +135,8 @@ def _current_build(out: Path, data: DataConfig, fingerprint: str) -> Path | None
 
 
 def _summary(data: DataConfig, kind: str, fingerprint: str, classes: list[str], accepted: list[Accepted],
-             rejects: list[tuple[str, str]], result: SplitResult, shards: dict[str, list[str]]) -> dict:
+             rejects: list[tuple[str, str]], result: SplitResult, shards: dict[str, list[str]],
+             texts: TextCheck) -> dict:
     """The content of dataset.json."""
     counts = {s: {c: 0 for c in classes} for s in SPLITS}
     for a in accepted:
@@ -149,6 +154,9 @@ def _summary(data: DataConfig, kind: str, fingerprint: str, classes: list[str], 
         "max_side": data.max_side,
         "limit_per_class": data.limit_per_class,
         "shard_size": data.shard_size,
+        "max_text_chars": data.max_text_chars,
+        "text_prompt": data.text_prompt,
+        "text_prompt_mode": data.text_prompt_mode,
         "classes": classes,
         "counts": counts,
         "totals": {s: sum(counts[s].values()) for s in SPLITS},
@@ -159,6 +167,7 @@ def _summary(data: DataConfig, kind: str, fingerprint: str, classes: list[str], 
         "conflicting_duplicates": result.conflicting_duplicates,
         "single_image_classes": result.single_image_classes,
         "classes_without_test_items": result.classes_without_test_items,
+        "texts": text_summary([a.item for a in accepted], texts, data),
         "shards": shards,
         "fingerprint": fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -168,18 +177,26 @@ def _summary(data: DataConfig, kind: str, fingerprint: str, classes: list[str], 
 # --------------------------------------------------------------------------- idempotency
 
 
+# The data settings about texts (see compute_fingerprint).
+TEXT_SETTINGS = ("max_text_chars", "text_prompt", "text_prompt_mode")
+
+
 def compute_fingerprint(data: DataConfig, listed: Sequence[SourceItem] | None) -> str:
     """Hash of every data setting but `workers`, plus the source listing (ids, paths,
     labels, sizes, mtimes; a built-in by its name alone).
 
     A full sha256 rather than `fingerprint_of`: the embeddings of every existing run
-    record this value, and changing its recipe would redo all of them.
+    record this value, and changing its recipe would redo all of them. For that reason the
+    text settings (and TEXT_RULES_VERSION) enter only where there are texts, or prompts to make.
     """
     h = hashlib.sha256()
-    settings = {k: v for k, v in dataclasses.asdict(data).items() if k != "workers"}
+    settings = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("workers", *TEXT_SETTINGS)}
     h.update(json.dumps(
         {"settings": settings, "schema": SCHEMA_VERSION, "ingest": INGEST_VERSION}, sort_keys=True,
     ).encode())
+    if data.text_prompt or any(item.text for item in listed or ()):
+        text_settings = {k: getattr(data, k) for k in TEXT_SETTINGS}
+        h.update(json.dumps({"texts": text_settings, "rules": TEXT_RULES_VERSION}, sort_keys=True).encode())
     if listed is None:
         h.update(f"builtin:{data.source}".encode())
     else:
@@ -260,5 +277,21 @@ def _log_summary(out: Path, summary: dict, rejects: list[tuple[str, str]]) -> No
         log.warning("phase 0: single-image classes: %s", summary["single_image_classes"])
     if summary["classes_without_test_items"]:
         log.warning("phase 0: classes without test items: %s", summary["classes_without_test_items"])
+    _log_texts(summary["texts"], summary["n_images"])
     for warning in summary.get("warnings", []):
         log.warning("phase 0: %s", warning)
+
+
+def _log_texts(texts: dict, n_images: int) -> None:
+    """Missing and over-long texts, said where the dataset has texts at all (a folder source has none)."""
+    if texts["from_prompt"]:
+        log.info("phase 0: %d of %d texts are class prompts (%r)", texts["from_prompt"], n_images, texts["prompt"])
+    missing = texts["missing_in_source"]
+    if missing and texts["with_text"] > texts["from_prompt"]:
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in missing.items())
+        filled = " (filled with class prompts)" if texts["prompt"] else ", kept without text"
+        log.warning("phase 0: %d of %d items have no text (%s)%s", sum(missing.values()), n_images, reasons, filled)
+    if texts["over_long"]:
+        log.warning("phase 0: %d text(s) longer than %d characters (e.g. %s): kept whole; CLIP reads their first "
+                    "75 tokens (phase 1 counts the texts it cuts)", texts["over_long"], texts["max_text_chars"],
+                    ", ".join(texts["over_long_examples"]))

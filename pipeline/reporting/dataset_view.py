@@ -100,6 +100,23 @@ def _conflicts_view(dataset: Mapping) -> list[str]:
     return out
 
 
+def _texts_facts(texts: Any) -> list[tuple[str, str]]:
+    """Phase 0's text counts, for datasets with any text (a folder of images has none to report)."""
+    if not isinstance(texts, Mapping) or not (texts.get("with_text") or texts.get("missing_in_source")):
+        return []
+    missing = texts.get("missing_in_source") if isinstance(texts.get("missing_in_source"), Mapping) else {}
+    facts = [("items with text", fmt_count(texts.get("with_text"))),
+             ("items without text", fmt_count(texts.get("empty")))]
+    if missing:
+        facts.append(("texts missing in the source", ", ".join(f"{reason} {fmt_count(n)}"
+                                                                for reason, n in missing.items())))
+    if texts.get("from_prompt"):
+        facts.append(("texts from the class prompt", f"{fmt_count(texts['from_prompt'])} ({fmt(texts.get('prompt'))})"))
+    if texts.get("over_long"):
+        facts.append((f"texts over {fmt_count(texts.get('max_text_chars'))} characters", fmt_count(texts["over_long"])))
+    return facts
+
+
 def dataset_view(dataset: Any) -> dict | None:
     if not isinstance(dataset, Mapping) or not dataset:
         return None
@@ -144,6 +161,7 @@ def dataset_view(dataset: Any) -> dict | None:
         ("images kept", fmt_count(dataset.get("n_images"))),
         ("images rejected", fmt_count(dataset.get("n_rejects"))),
     ]
+    facts += _texts_facts(dataset.get("texts"))
     return {
         "facts": facts, "classes": classes, "splits": [str(s) for s in splits], "split_totals": split_totals,
         "class_rows": class_rows, "single": single, "duplicates": duplicate_rows[:MAX_GROUPS_SHOWN],

@@ -163,6 +163,33 @@ def draw_neighbour_grids(plot_dir: Path, tag: str, items, query_rows, gallery_ro
     return grids
 
 
+def draw_text_query_grid(plot_dir: Path, dataset_dir: Path, items, text_rows, gallery_rows, neighbours,
+                         scores, splits: list[str], tag: str, k: int) -> str:
+    """Text → image: each chosen text (a row of `items`) and its first k images (gallery positions in
+    `neighbours`), framed green when of the text's class; ★ marks the text's own image. Returns the file name."""
+    from pipeline.data.tfrecords import list_shards, load_images
+    from pipeline.reporting.neighbour_grid import plot_neighbour_grid
+
+    ids, names = items["id"].to_numpy(), items["label_name"].to_numpy()
+    labels, texts = items["label"].to_numpy(), items["text"].to_numpy()
+    columns = grid_columns(k, neighbours)
+    wanted = {ids[gallery_rows[n]] for n in neighbours[:, :columns].reshape(-1) if n >= 0}
+    images = load_images([p for split in splits for p in list_shards(dataset_dir, split)], wanted)
+    n_images, n_names, n_scores, correct = [], [], [], []
+    for q, row, row_scores in zip(text_rows, neighbours[:, :columns], scores[:, :columns]):
+        cells = [(gallery_rows[n], float(s)) for n, s in zip(row, row_scores) if n >= 0]
+        n_images.append([images.get(ids[g]) for g, _ in cells])
+        n_names.append([("★ " if g == q else "") + str(names[g]) for g, _ in cells])
+        n_scores.append([s for _, s in cells])
+        correct.append([bool(labels[g] == labels[q]) for g, _ in cells])
+    file = "grid_text_to_image.png"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    plot_neighbour_grid([None] * len(text_rows), [names[q] for q in text_rows], n_images, n_names, n_scores,
+                        correct, plot_dir / file, f"{tag}: text → image, top-{columns} images", "cosine",
+                        query_texts=[texts[q] for q in text_rows])
+    return file
+
+
 def report_section(tag: str, eval_dir: Path, metrics: dict, report_dir: Path) -> dict:
     """Copy a backbone's plots next to the report and point the template at them."""
     img_dir = report_dir / "img" / tag
@@ -176,7 +203,10 @@ def report_section(tag: str, eval_dir: Path, metrics: dict, report_dir: Path) ->
 
     plots = {key: copy(name) for key, name in metrics.get("plots", {}).items()}
     grids = [{"title": g["title"], "path": copy(g["file"])} for g in metrics.get("grids", [])]
-    return {"tag": tag, "metrics": metrics, "plots": plots, "grids": [g for g in grids if g["path"]]}
+    text = metrics.get("text") or {}
+    text_grid = copy(text.get("grid")) if isinstance(text, dict) else None
+    return {"tag": tag, "metrics": metrics, "plots": plots, "grids": [g for g in grids if g["path"]],
+            "text_grid": text_grid}
 
 
 def copy_model_pictures(models: list[dict], report_dir: Path) -> list[dict]:

@@ -1,8 +1,10 @@
 """The neighbour grid: one row per query, the query and its nearest gallery items, framed by whether they
-share its class. Written atomically like every picture (canvas.save_figure)."""
+share its class. A query may be a text (text → image search): its cell then shows the text. Written
+atomically like every picture (canvas.save_figure)."""
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 from collections.abc import Sequence
@@ -13,6 +15,8 @@ from PIL import Image
 from pipeline.reporting.canvas import DIFFERENT, NEUTRAL, SAME, new_figure, save_figure, short
 
 _THUMB = 96
+# A text query's cell: this many characters per line, this many lines (then "…").
+_TEXT_WIDTH, _TEXT_LINES = 18, 7
 
 
 def _to_rgb_uint8(image: Any) -> np.ndarray:
@@ -84,6 +88,14 @@ def _last_filled(images: Any, labels: Any, scores: Any, i: int) -> int:
     return 0
 
 
+def _text_cell(text: str) -> str:
+    lines = textwrap.wrap(str(text), _TEXT_WIDTH) or [""]
+    if len(lines) > _TEXT_LINES:
+        lines = lines[:_TEXT_LINES]
+        lines[-1] = short(lines[-1] + " …", _TEXT_WIDTH)
+    return "\n".join(lines)
+
+
 def _format_score(score: Any) -> str:
     try:
         value = float(score)
@@ -95,8 +107,10 @@ def _format_score(score: Any) -> str:
 def plot_neighbour_grid(query_images: Sequence[Any], query_labels: Sequence[Any],
                         neighbour_images: Sequence[Sequence[Any]], neighbour_labels: Sequence[Sequence[Any]],
                         neighbour_scores: Sequence[Sequence[float]], correct: Sequence[Sequence[bool]] | None,
-                        path: str | Path, title: str, score_name: str = "score") -> Path:
-    """One row per query: the query, then its top-k neighbours framed green (same class) or red."""
+                        path: str | Path, title: str, score_name: str = "score",
+                        query_texts: Sequence[str | None] | None = None) -> Path:
+    """One row per query: the query, then its top-k neighbours framed green (same class) or red.
+    `query_texts[i]`, when given, is shown in the query's cell instead of its image (a text query)."""
     n_rows = len(query_images)
     # Columns after the last filled cell of every row would only add blank width (k above the gallery size).
     k = max([_last_filled(neighbour_images, neighbour_labels, neighbour_scores, i) for i in range(n_rows)] + [1])
@@ -113,8 +127,12 @@ def plot_neighbour_grid(query_images: Sequence[Any], query_labels: Sequence[Any]
     for i in range(n_rows):
         q_label = _at(list(query_labels), i) if query_labels is not None else None
         ax = fig.add_subplot(grid[i, 0])
-        ax.imshow(_thumbnail(query_images[i]))
-        if query_images[i] is None:
+        text = _at(list(query_texts), i) if query_texts is not None else None
+        ax.imshow(_thumbnail(query_images[i]) if text is None else np.full((_THUMB, _THUMB, 3), 255, np.uint8))
+        if text is not None:
+            ax.text(0.5, 0.5, _text_cell(text), ha="center", va="center", fontsize=6.5, color="#111111",
+                    transform=ax.transAxes)
+        elif query_images[i] is None:
             ax.text(0.5, 0.5, "no image", ha="center", va="center", fontsize=7, color=NEUTRAL,
                     transform=ax.transAxes)
         _frame(ax, NEUTRAL, width=2.5)

@@ -249,3 +249,25 @@ def anisotropy_change(before: Mapping, after: Mapping) -> dict:
             better.append("more dimensions used")
     verdict = "yes" if better and not worse else ("mixed" if better else "no")
     return {"verdict": verdict, "better": better, "worse": worse}
+
+
+# --------------------------------------------------------------------------- phase 2: text ↔ image
+
+def versus_chance(what: str, value: Any, chance: float, n: Any, chance_reason: str) -> str:
+    """Whether a hit rate measured on `n` queries differs from what a random ranking scores (`chance`): by more
+    than two standard errors of a binomial at the chance rate, or not; too few queries conclude nothing."""
+    value, n = to_float(value), to_float(n)
+    if value is None or not n:
+        return ""
+    head = f"{what} is {fmt(value)} on {int(n):,} quer{'y' if int(n) == 1 else 'ies'}, against {chance:.3f} " \
+           f"by chance ({chance_reason})"
+    if too_few(n):
+        return f"{head}: too few queries to conclude (at least {MIN_QUERIES_TO_CONCLUDE} are needed)."
+    error = float(np.sqrt(chance * (1 - chance) / n))
+    if value > chance + 2 * error:
+        verdict = "above chance"
+    elif value < chance - 2 * error:
+        verdict = "below chance"
+    else:
+        return f"{head}: not distinguishable from chance (within two standard errors, {2 * error:.3f})."
+    return f"{head}: {verdict} by more than two standard errors ({2 * error:.3f})."

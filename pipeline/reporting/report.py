@@ -19,6 +19,7 @@ from pipeline.reporting.dataset_view import dataset_view
 from pipeline.reporting.formatting import (DASH, best_flags, fmt, fmt_count, fmt_magnitude, fmt_seconds, get,
                                            is_number, render_html, to_float)
 from pipeline.reporting.readings import diagnostics_reading, equivalence_text, small_sample_note, without_positive
+from pipeline.reporting.text_view import text_view
 from pipeline.vectors.retrieval import SCORE_NAMES
 
 TEMPLATE = "report.html.j2"
@@ -328,6 +329,7 @@ def _backbone_view(entry: Mapping, out_dir: Path, used: set[str]) -> dict:
         "plots": small,
         "grids": grids,
         "per_class": None if nothing_scored else _per_class(metrics.get("per_class")),
+        "text": text_view(metrics, _image_src(entry.get("text_grid"), out_dir)),
         "timings": " · ".join(f"{name} {fmt_seconds(value)}" for name, value in timings.items()),
     }
 

@@ -4,7 +4,8 @@ RetrievalValidation scores each epoch the way the model will be used (retrieval,
 leave-one-out, by cosine); the callbacks after it in the list (early stopping, the
 learning-rate schedule, checkpoints, the CSV log, the epoch backup) read its scores.
 RestoreMonitorState gives a resumed fit the early-stopping and learning-rate state of
-the epochs it already ran.
+the epochs it already ran. EpochRetrievalResults writes, after every epoch, the top-k
+neighbours of every validation item that RetrievalValidation ranked (`train.epoch_results_top_k`).
 """
 from __future__ import annotations
 
@@ -18,12 +19,16 @@ import keras
 import numpy as np
 
 from pipeline.config import TrainConfig
+from pipeline.core import atomic
 from pipeline.training.checkpoints import EpochBackup
 
 log = logging.getLogger("embedlab.train")
 
 MONITOR = "val_MAP@R"
 VAL_METRICS = ("P@1", "MAP@R")
+# Where EpochRetrievalResults writes, inside a model's folder, and its file names (epoch from 1).
+RESULTS_DIR = "results"
+RESULTS_FILE = "retrieval_results_epoch_{epoch:02d}.json"
 
 
 class RetrievalValidation(keras.callbacks.Callback):
@@ -34,12 +39,15 @@ class RetrievalValidation(keras.callbacks.Callback):
     """
 
     def __init__(self, head, features: np.ndarray | None, labels: np.ndarray, batch_size: int = 1024,
-                 embed: Callable[[], np.ndarray] | None = None):
+                 embed: Callable[[], np.ndarray] | None = None, k: int = 1):
         super().__init__()
         self.head = head
         self.features = None if features is None else np.asarray(features, dtype=np.float32)
         self.labels = np.asarray(labels)
         self.batch_size = batch_size
+        # Neighbours kept per item (the scores do not depend on it): EpochRetrievalResults reads them.
+        self.k = max(1, int(k))
+        self.latest = None   # the RetrievalResult of the latest evaluation; None when it could not rank
         # Finetune mode has no cached features: `embed` runs the model over the validation images.
         self.embed = embed or (lambda: self.head.predict(self.features, batch_size=self.batch_size, verbose=0))
         self.initial: dict | None = None   # scores of the head before any training step
@@ -49,14 +57,16 @@ class RetrievalValidation(keras.callbacks.Callback):
         from pipeline.vectors.retrieval import retrieve
 
         started = time.perf_counter()
+        self.latest = None
         try:
             embeddings = np.asarray(self.embed())
             if not np.isfinite(embeddings).all():
                 return {name: float("nan") for name in VAL_METRICS}
             # Same object as query and gallery: retrieve normalises it once, and
             # exclude drops each item from its own ranking.
-            result = retrieve(embeddings, self.labels, embeddings, self.labels, metric="cosine", k=1,
+            result = retrieve(embeddings, self.labels, embeddings, self.labels, metric="cosine", k=self.k,
                               exclude=np.arange(len(embeddings)))
+            self.latest = result
             return {name: float(result.metrics[name]) for name in VAL_METRICS}
         finally:
             self.seconds += time.perf_counter() - started
@@ -72,10 +82,55 @@ class RetrievalValidation(keras.callbacks.Callback):
         loss = logs.get("loss")
         if loss is not None and not math.isfinite(loss):
             scores = {name: float("nan") for name in VAL_METRICS}   # diverged: nothing to score
+            self.latest = None
         else:
             scores = self.evaluate()
         for name, value in scores.items():
             logs[f"val_{name}"] = value
+
+
+def retrieval_records(ids, labels, neighbours: np.ndarray, scores: np.ndarray) -> list[dict]:
+    """One record per query: {query_id, query_label, ranked_ids, scores, labels}, best neighbour first.
+
+    `neighbours` / `scores` are `retrieve`'s (query i is item i; -1 pads rankings shorter than k).
+    """
+    ids, labels = np.asarray(ids).astype(str), np.asarray(labels)
+    records = []
+    for query, (row, row_scores) in enumerate(zip(neighbours, scores)):
+        found = row >= 0
+        ranked = row[found]
+        records.append({"query_id": str(ids[query]), "query_label": _plain(labels[query]),
+                        "ranked_ids": ids[ranked].tolist(), "scores": row_scores[found].astype(float).tolist(),
+                        "labels": [_plain(label) for label in labels[ranked]]})
+    return records
+
+
+def _plain(value):
+    """A numpy scalar as the Python value JSON writes (object arrays already hold Python values)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+class EpochRetrievalResults(keras.callbacks.Callback):
+    """After every epoch, `folder/retrieval_results_epoch_XX.json` (XX = the epoch, from 01): the top-k
+    neighbours of every validation item, ranked by the validator of that epoch (exact cosine search,
+    leave-one-out: the validation items are queries and gallery, each left out of its own ranking).
+
+    Must follow `validator` in the callback list and come before EpochBackup, so that a committed
+    epoch always has its file; a redone epoch (after a resume) rewrites it.
+    """
+
+    def __init__(self, validator: RetrievalValidation, folder: Path, ids, labels):
+        super().__init__()
+        self.validator, self.folder = validator, Path(folder)
+        self.ids, self.labels = np.asarray(ids), np.asarray(labels)
+
+    def on_epoch_end(self, epoch, logs=None):
+        result = self.validator.latest
+        if result is None:
+            return   # diverged or non-finite embeddings: nothing was ranked
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(self.folder / RESULTS_FILE.format(epoch=epoch + 1),
+                          retrieval_records(self.ids, self.labels, result.neighbours, result.neighbour_scores))
 
 
 class PeriodicCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -142,8 +197,13 @@ def _replay_reduce_lr(callback, score: float, learning_rate: float | None) -> No
             callback.cooldown_counter, callback.wait = callback.cooldown, 0
 
 
-def training_callbacks(out: Path, settings: TrainConfig, validator: RetrievalValidation, extra, resume) -> list:
-    """The callbacks of one fit, in the order they must run; `resume` is loop.begin_training's Resume."""
+def training_callbacks(out: Path, settings: TrainConfig, validator: RetrievalValidation, extra, resume,
+                       val_items=None) -> list:
+    """The callbacks of one fit, in the order they must run; `resume` is loop.begin_training's Resume.
+
+    `val_items` (the validation items' rows, with `id` and `label_name`, in the validator's order)
+    are needed when `train.epoch_results_top_k` writes per-epoch retrieval results.
+    """
     previous = resume.history
     checkpoints = out / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -154,6 +214,7 @@ def training_callbacks(out: Path, settings: TrainConfig, validator: RetrievalVal
     callbacks = [
         validator,  # first: the callbacks below read what it adds to the logs
         keras.callbacks.TerminateOnNaN(),
+        *_epoch_results(out, settings, validator, val_items),
         early_stopping,
         reduce_lr,
         PeriodicCheckpoint(str(checkpoints / "epoch_{epoch:03d}.weights.h5"), settings.checkpoint_every,
@@ -172,6 +233,18 @@ def training_callbacks(out: Path, settings: TrainConfig, validator: RetrievalVal
     else:
         log.info("phase 3: the tensorboard package is not installed; no TensorBoard logs (pip install tensorboard)")
     return callbacks + list(extra)
+
+
+def _epoch_results(out: Path, settings: TrainConfig, validator: RetrievalValidation, val_items) -> list:
+    if settings.epoch_results_top_k <= 0:
+        return []
+    if val_items is None:
+        raise ValueError("train.epoch_results_top_k needs the validation items (training_callbacks' val_items)")
+    if validator.k < settings.epoch_results_top_k:
+        raise ValueError(f"the validator keeps {validator.k} neighbours, train.epoch_results_top_k asks for "
+                         f"{settings.epoch_results_top_k}")
+    labels = val_items["label_name"] if "label_name" in val_items else val_items["label"]
+    return [EpochRetrievalResults(validator, out / RESULTS_DIR, val_items["id"].to_numpy(), labels.to_numpy())]
 
 
 def _tensorboard_available() -> bool:

@@ -7,6 +7,11 @@ backup/) except that the model is image-level from the start:
     saved_model/            the same as a TensorFlow SavedModel (endpoint `serve`)
     export.json             inputs, outputs and the reload check both files passed
 
+Which trunk layers train: the last `train.finetune_layers` of the units the backbone names
+(models/backbones/registry.py `finetune_units`: a keras.applications trunk's layers; CLIP's
+embedding, pre-norm, transformer blocks, post-norm and projection). `train.embedding_dim: 0`
+fine-tunes without a head: the backbone's own L2-normalised output is the embedding.
+
 Learning rates: the head trains at `train.learning_rate` and the trunk's layers at
 the lower `train.finetune_learning_rate`, through one AdamW with per-variable
 multipliers (models/optimizers.py), so backups (training/checkpoints.py), checkpoints and
@@ -113,32 +118,57 @@ def image_batches(encoded: np.ndarray, labels: np.ndarray, image_size: int, n_cl
 
 def build_finetune_model(backbone: BackboneConfig, embedding_dim: int, finetune_layers: int,
                          synchronized_bn: bool = False):
-    """(image-level embedding model, the trunk, image size) with only the trunk's last layers trainable.
+    """(image-level embedding model, the trunk, image size) with only the trunk's last units trainable.
 
-    The head's layers are applied at the model's top level (not as a nested model) so
+    The units are what the backbone's builder names (models/backbones/registry.py `finetune_units`):
+    a keras.applications trunk's layers, a CLIP trunk's embedding, norms, transformer blocks and
+    projection. The head's layers are applied at the model's top level (not as a nested model) so
     that phase 4 can reach the input of the final L2Normalize, the pre-normalisation feature.
+    `embedding_dim` 0: no head, the backbone's own L2-normalised output is the embedding.
     """
     from models.backbones import build_feature_extractor
     from models.heads import build_embedding_head
 
     extractor = build_feature_extractor(**backbone.extractor_options())
     trunk = next(layer for layer in extractor.model.layers if isinstance(layer, keras.Model))
-    # A count at or above the trunk's depth trains the whole trunk.
-    n_layers = min(finetune_layers, len(trunk.layers))
-    trainable = set(id(layer) for layer in trunk.layers[len(trunk.layers) - n_layers:])
-    for layer in trunk.layers:
-        # BatchNormalization stays frozen: P x K batches of a few classes have statistics
-        # unlike the data's, and small batches give noisy ones; updating the moving
-        # averages from them would shift every frozen layer after it. The trunk is called
-        # with training=False, so BN also normalises with its stored statistics in training.
-        layer.trainable = id(layer) in trainable and not isinstance(layer, keras.layers.BatchNormalization)
-
+    freeze_all_but_last_units(trunk, trunk_units(backbone, trunk), finetune_layers)
+    if embedding_dim == 0:
+        return keras.Model(extractor.model.input, extractor.model.output["embedding"],
+                           name="embedding_model"), trunk, extractor
     head = build_embedding_head(extractor.dim, embedding_dim, synchronized_bn=synchronized_bn)
     x = extractor.model.output["pooled"]
     for layer in head.layers[1:]:
         x = layer(x)
     model = keras.Model(extractor.model.input, x, name="embedding_model")
     return model, trunk, extractor
+
+
+def trunk_units(backbone: BackboneConfig, trunk) -> list:
+    """The trunk's trainable units, input to output, as its backbone counts them."""
+    from models.backbones.registry import finetune_units
+
+    return finetune_units(backbone.name, trunk)
+
+
+def freeze_all_but_last_units(trunk, units: list, n_units: int) -> list:
+    """Make only the last `n_units` of `units` trainable (all of them when n_units >= len(units)); returns those."""
+    chosen = units[len(units) - min(n_units, len(units)):]
+    chosen_ids = {id(unit) for unit in chosen}
+    # Trainable from the top down first: Keras reports no trainable weights under a frozen parent,
+    # so the nested layers that hold a transformer's blocks must stay trainable themselves.
+    trunk.trainable = True
+    for unit in units:
+        # BatchNormalization stays frozen: P x K batches of a few classes have statistics
+        # unlike the data's, and small batches give noisy ones; updating the moving
+        # averages from them would shift every frozen layer after it. The trunk is called
+        # with training=False, so BN also normalises with its stored statistics in training.
+        unit.trainable = id(unit) in chosen_ids and not isinstance(unit, keras.layers.BatchNormalization)
+    in_units = {id(v) for unit in chosen for v in unit.trainable_weights}
+    stray = [v.path for v in trunk.trainable_weights if id(v) not in in_units]
+    if stray:
+        raise ValueError(f"trunk {trunk.name!r}: its finetune units leave variables out (e.g. {stray[0]}); the "
+                         f"backbone's finetune_units must cover every layer that holds weights")
+    return [unit for unit in chosen if unit.trainable]
 
 
 def finetune_optimizer(trunk, settings: TrainConfig):
@@ -214,19 +244,24 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
     dataset = distribute_global_batches(strategy, rows_of_each_batch, batches.size)
     val_images = plain_images(encoded[val_rows], extractor.image_size)
     validator = RetrievalValidation(embedding_model, None, data.keys[val_rows],
-                                    embed=lambda: embedding_model.predict(val_images, verbose=0))
-    callbacks = training_callbacks(out, settings, validator, extra_callbacks, started)
+                                    embed=lambda: embedding_model.predict(val_images, verbose=0),
+                                    k=settings.epoch_results_top_k)
+    callbacks = training_callbacks(out, settings, validator, extra_callbacks, started,
+                                   val_items=_with_label_names(items.iloc[val_rows], dataset_meta))
     n_trainable = sum(int(np.prod(w.shape)) for w in trunk.trainable_weights)
-    trainable_layers = min(settings.finetune_layers, len(trunk.layers))
+    units = trunk_units(backbone_cfg, trunk)
+    trainable_units = min(settings.finetune_layers, len(units))
     log.info("phase 3 (finetune): %s / %s: %d training images (%d classes), %d validation images (%s), batches of "
-             "%d classes x %d, %d steps/epoch, last %d trunk layers trainable (%d backbone parameters)", tag,
+             "%d classes x %d, %d steps/epoch, last %d of %d trunk units trainable (%d backbone parameters)%s", tag,
              loss_name, len(train_rows), data.n_train_classes, len(val_rows), data.validation["protocol"],
-             batches.n_classes, settings.n_samples_per_class, batches.steps, trainable_layers, n_trainable)
+             batches.n_classes, settings.n_samples_per_class, batches.steps, trainable_units, len(units), n_trainable,
+             "" if settings.embedding_dim else ", no head")
     fit, history, seconds = fit_checked(
         model, dataset, batches.steps, settings.epochs, callbacks, out, resume_epoch, f"{loss_name} fine-tuning {tag}",
         f"Lower train.learning_rate and train.finetune_learning_rate, or change train.loss_params.{loss_name}")
     probe = next(iter(val_images if len(val_rows) else plain_images(encoded[train_rows[:8]], extractor.image_size)))
-    _save_model(embedding_model, out, probe.numpy()[:8], tag, loss_name, extractor.image_size)
+    _save_model(embedding_model, out, probe.numpy()[:8], tag, loss_name, extractor.image_size,
+                settings.mixed_precision)
     write_history(out / "history.csv", history)
     plot_training_curves(history, out / "curves.png", f"{tag} · {loss_name} · finetune", before=validator.initial,
                          metrics=VAL_METRICS, monitor=MONITOR)
@@ -241,14 +276,32 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
             "optimizer": {"name": "ScaledAdamW", "head_learning_rate": settings.learning_rate,
                           "backbone_learning_rate": settings.finetune_learning_rate,
                           "weight_decay": settings.weight_decay},
-            "finetune_layers": settings.finetune_layers, "trunk_layers": len(trunk.layers),
-            "trainable_trunk_layers": trainable_layers, "trainable_backbone_parameters": n_trainable,
+            # "layers" are the backbone's finetune units (models/backbones/registry.py `finetune_units`).
+            "finetune_layers": settings.finetune_layers, "trunk_layers": len(units),
+            "trainable_trunk_layers": trainable_units, "trainable_backbone_parameters": n_trainable,
+            "trainable_units": [unit.name for unit in units[len(units) - trainable_units:]],
+            "head": bool(settings.embedding_dim),
             "augment": settings.augment,
             "dataset": {"dir": run_dir.dataset_dir.as_posix(), "fingerprint": dataset_meta.get("fingerprint")}})
     return finish_training(out, summary)
 
 
-def _save_model(model, out: Path, probe: np.ndarray, tag: str, loss: str, image_size: int) -> None:
+def _with_label_names(items, dataset_meta: dict):
+    """`items` (read from the TFRecords: integer labels) with the class names phase 0 recorded."""
+    classes = dataset_meta.get("classes")
+    if not classes:
+        return items
+    return items.assign(label_name=np.asarray(classes, dtype=object)[items["label"].to_numpy()])
+
+
+# How far the SavedModel's `serve` may be from the Keras model it exports. In float16 compute
+# (mixed precision) the two graphs round differently (TensorFlow fuses and orders float16 ops its
+# own way): about 1e-3 on unit vectors, where float32 agrees to 1e-6.
+SERVED_TOLERANCE = {False: 1e-4, True: 1e-2}
+
+
+def _save_model(model, out: Path, probe: np.ndarray, tag: str, loss: str, image_size: int,
+                mixed_precision: bool = False) -> None:
     """embedding_model.keras, saved_model/ and export.json, each checked to reproduce the trained model."""
     from pipeline.serving.model_export import write_export_manifest, write_saved_model
 
@@ -262,6 +315,7 @@ def _save_model(model, out: Path, probe: np.ndarray, tag: str, loss: str, image_
         keras_error = float(np.max(np.abs(np.asarray(reloaded(probe, training=False)) - expected)))
         if keras_error > 1e-5:
             raise RuntimeError(f"{out}: the saved embedding model differs from the trained one by {keras_error:.2e}")
-    served_error = write_saved_model(model, out / "saved_model", probe, expected)
+    served_error = write_saved_model(model, out / "saved_model", probe, expected,
+                                     tolerance=SERVED_TOLERANCE[bool(mixed_precision)])
     write_export_manifest(out, tag, loss, image_size, int(expected.shape[-1]), int(len(probe)),
                           max(keras_error, served_error), "the fine-tuned model before saving")

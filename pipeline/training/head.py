@@ -10,6 +10,8 @@ Per backbone and loss, in `runs/<run>/train/<tag>/<loss>/`:
     curves.png         loss, val_P@1 and val_MAP@R per epoch
     checkpoints/       best.weights.h5 (by val_MAP@R), epoch_NNN.weights.h5 every checkpoint_every epochs
     backup/            the committed state of an unfinished fit (training/checkpoints.py; a rerun resumes from it)
+    results/           retrieval_results_epoch_XX.json: each epoch's top-k neighbours of every validation
+                       item, when train.epoch_results_top_k > 0 (training/callbacks.py EpochRetrievalResults)
     tensorboard/       TensorBoard logs, when the tensorboard package is installed
 
 The validation protocol, pair keys and hard negatives are training/protocol.py's; what
@@ -95,8 +97,8 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
 
     dataset = distribute_global_batches(strategy, rows_of_each_batch, batches.size)
 
-    validator = RetrievalValidation(head, features[val_rows], data.keys[val_rows])
-    callbacks = training_callbacks(out, settings, validator, extra_callbacks, started)
+    validator = RetrievalValidation(head, features[val_rows], data.keys[val_rows], k=settings.epoch_results_top_k)
+    callbacks = training_callbacks(out, settings, validator, extra_callbacks, started, val_items=items.iloc[val_rows])
     log.info("phase 3: %s / %s: %d training items (%d classes), %d validation items (%s), "
              "batches of %d classes x %d, %d steps/epoch", tag, loss_name, len(train_rows), data.n_train_classes,
              len(val_rows), data.validation["protocol"], batches.n_classes, settings.n_samples_per_class,

@@ -26,7 +26,7 @@ from pipeline.core import atomic
 from pipeline.core.artifacts import is_current
 from pipeline.core.distribute import agree_on_resume, xla_supported
 from pipeline.core.errors import TrainingDivergedError
-from pipeline.training.callbacks import MONITOR, VAL_METRICS
+from pipeline.training.callbacks import MONITOR, RESULTS_DIR, VAL_METRICS
 from pipeline.training.checkpoints import read_state
 
 log = logging.getLogger("embedlab.train")
@@ -154,7 +154,7 @@ def _prepare_output_dir(out: Path, fingerprint: str, fresh: bool, unusable_backu
         return
     if unusable_backup:
         log.warning("phase 3: %s holds no usable committed backup; training %s from the start", out / "backup", out)
-    for name in ("backup", "checkpoints", "tensorboard"):
+    for name in ("backup", "checkpoints", "tensorboard", RESULTS_DIR):
         shutil.rmtree(out / name, ignore_errors=True)
     for name in ("history.csv", "head.keras", "curves.png"):
         (out / name).unlink(missing_ok=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from pipeline.core import atomic
 from pipeline.core.artifacts import (  # noqa: F401  (trained_tag, trained_embeddings_fingerprint: older imports)
     load_dataset_meta, load_embeddings, recorded_fingerprint, trained_embeddings_fingerprint,
     trained_embeddings_match, trained_tag,
-    write_embedding_artifacts,
+    write_embedding_artifacts, remove_text_artifacts, TEXT_EMBEDDINGS_NPY, CLASS_PROMPTS_NPY,
 )
 from pipeline.core.errors import PhaseInputError
 from pipeline.core.run_dir import RunDir, backbone_tag
@@ -79,6 +80,25 @@ def finetuned_embeddings(run_dir: RunDir, model, items, batch_size: int = 64) ->
             np.concatenate(units).astype(np.float32, copy=False))
 
 
+def carry_text_side(base_dir: Path, out: Path, base_meta: dict, training: dict, dim: int) -> dict | None:
+    """Keep the phase-1 text embeddings beside a model that left the text space where it was; None otherwise.
+
+    Only a finetune without a head (`train.embedding_dim: 0`) keeps CLIP's own image space: its text tower
+    was not trained, so the phase-1 text vectors are still the texts of that space, and phase 2 then shows
+    how fine-tuning the image tower moved images against them. A head maps images into a new space that no
+    text was ever embedded in: no text side there.
+    """
+    remove_text_artifacts(out)
+    info = base_meta.get("text")
+    if training.get("mode") != "finetune" or training.get("head") is not False or not isinstance(info, dict) \
+            or int(info.get("dim") or 0) != dim:
+        return None
+    for name in (TEXT_EMBEDDINGS_NPY, CLASS_PROMPTS_NPY):
+        if (base_dir / name).is_file():
+            atomic.save_npy(out / name, np.load(base_dir / name))
+    return {**info, "from": "phase 1 (the text tower was not trained)"}
+
+
 def run_reevaluate(config: RunConfig, force: bool = False) -> list[str]:
     """Re-embed with each trained model and evaluate; returns the new embedding tags."""
     import keras
@@ -115,12 +135,13 @@ def run_reevaluate(config: RunConfig, force: bool = False) -> list[str]:
                     pre, unit = head_embeddings(head, raw)
                 meta_path.unlink(missing_ok=True)
                 write_embedding_artifacts(out, items, pre, unit, config.extract)
+                text_meta = carry_text_side(run_dir.embeddings_dir(tag), out, base_meta, training, unit.shape[1])
                 atomic.write_json(meta_path, {
                     **{k: base_meta.get(k) for k in ("backbone", "weights_loaded", "image_size", "dataset",
                                                      "dataset_fingerprint", "throughput_img_s")},
                     "tag": new_tag, "base_tag": tag, "loss": loss, "trained": True,
                     "mode": "finetune" if finetuned else "head",
-                    "dim": int(unit.shape[1]), "n_items": int(len(unit)), "training": str(source),
+                    "dim": int(unit.shape[1]), "n_items": int(len(unit)), "training": str(source), "text": text_meta,
                     "fingerprint": fingerprint, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 })
                 log.info("phase 4: wrote %s (%d × %d)", out, *unit.shape)

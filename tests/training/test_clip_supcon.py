@@ -112,3 +112,35 @@ def test_the_export_reproduces_phase4(recipe_run):
     model = keras.saving.load_model(out / "embedding_model.keras")
     # float16 compute: other batch sizes than phase 4's (32) round differently, by about 5e-4.
     np.testing.assert_allclose(model.predict(pixels, verbose=0), unit[rows], atol=2e-3)
+
+
+def test_the_trained_space_keeps_the_untrained_text_side(recipe_run):
+    # No head and a frozen text tower: phase 1's text vectors are still the texts of the fine-tuned image space,
+    # so phase 4's evaluation has the text <-> image section too.
+    tmp, tag = recipe_run
+    base, trained = tmp / f"runs/cs/embeddings/{tag}", tmp / f"runs/cs/embeddings/{tag}+supcon"
+    np.testing.assert_array_equal(np.load(trained / "class_prompt_embeddings.npy"),
+                                  np.load(base / "class_prompt_embeddings.npy"))
+    np.testing.assert_array_equal(np.load(trained / "text_embeddings.npy"), np.load(base / "text_embeddings.npy"))
+    meta = json.loads((trained / "meta.json").read_text())
+    assert meta["text"]["from"].startswith("phase 1")
+    metrics = json.loads((tmp / f"runs/cs/eval/{tag}+supcon/metrics.json").read_text())
+    assert metrics["text"]["zero_shot"]["n_queries"] > 0
+
+
+def test_a_head_leaves_the_text_side_behind(tmp_path):
+    from pipeline.phases.reevaluate import carry_text_side
+
+    base, out = tmp_path / "base", tmp_path / "out"
+    base.mkdir()
+    out.mkdir()
+    np.save(base / "text_embeddings.npy", np.eye(3, 4, dtype=np.float32))
+    np.save(base / "class_prompt_embeddings.npy", np.eye(2, 4, dtype=np.float32))
+    (out / "text_embeddings.npy").write_bytes(b"stale")  # an earlier result's file goes either way
+    meta = {"text": {"dim": 4}}
+    assert carry_text_side(base, out, meta, {"mode": "finetune", "head": True}, 4) is None
+    assert carry_text_side(base, out, meta, {"mode": "head", "head": True}, 4) is None
+    assert not (out / "text_embeddings.npy").exists()
+    assert carry_text_side(base, out, meta, {"mode": "finetune", "head": False}, 8) is None  # another space
+    assert carry_text_side(base, out, meta, {"mode": "finetune", "head": False}, 4)["dim"] == 4
+    np.testing.assert_array_equal(np.load(out / "text_embeddings.npy"), np.eye(3, 4))

@@ -225,3 +225,18 @@ def test_random_clip_numbers_its_patch_positions(tiny_with_text):
     backbone, _ = _BUILT[trunk]
     positions = np.asarray(backbone.vision_encoder.embedding.position_ids)
     np.testing.assert_array_equal(positions, np.arange(1 + (32 // 8) ** 2)[None])
+
+
+def test_mixed_precision_gives_float32_unit_vectors_for_images_and_texts():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        fe = build_feature_extractor("clip-vit-b32", weights="none", image_size=32, params=TINY, with_text=True)
+        out = fe.model.predict(_images(2), verbose=0)
+        texts = fe.text.embed(["a photo of a dress", "boots"])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert out["embedding"].dtype == np.float32 and texts.embedding.dtype == np.float32
+    assert fe.text.model.outputs[1].dtype == "float32"
+    np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-3)
+    np.testing.assert_allclose(np.linalg.norm(texts.embedding, axis=1), 1.0, atol=1e-3)
+    assert np.isfinite(out["pooled"]).all() and np.isfinite(texts.pooled).all()

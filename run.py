@@ -4,6 +4,7 @@
     python run.py phase0 --config configs/demo.yaml
     python run.py all --source path/to/images --backbone resnet50 --backbone efficientnetb0
     python run.py phase2 --run myrun --set evaluate.k=10
+    python run.py export --run myrun && python run.py search --bundle runs/myrun/bundle --image q.jpg
 
 Arguments and settings are read and checked before TensorFlow is imported, so a mistake
 costs a fraction of a second, and a command that fails saves none of its settings.
@@ -87,7 +88,63 @@ def build_parser() -> argparse.ArgumentParser:
             g = p.add_argument_group("phase 2")
             g.add_argument("--k", type=int, help="neighbours per query (default 5)")
             g.add_argument("--gallery", help="gallery splits, e.g. test or train,val,test")
+    add_tool_parsers(sub)
     return parser
+
+
+def add_tool_parsers(sub) -> None:
+    """The serving tools (pipeline.runner.TOOLS): export a bundle, change it, search it."""
+    from pipeline.runner import TOOLS
+
+    p = sub.add_parser("export", help=TOOLS["export"], description=TOOLS["export"])
+    p.add_argument("--run", required=True, help="the run whose model and collection to export")
+    p.add_argument("--model", default="best",
+                   help="best (highest test MAP@R among the run's phase-2/4 evaluations, default), an embeddings "
+                        "tag, or BACKBONE[+LOSS], e.g. mobilenet+triplet")
+    p.add_argument("--out", help="bundle folder (default runs/<run>/bundle)")
+    p.add_argument("--config", help="YAML configuration, when the run's own config.yaml is not the one to use")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set runs_dir=/data/runs (repeatable)")
+    p.add_argument("--force", action="store_true", help="write a new version even when the bundle holds this export")
+
+    p = sub.add_parser("bundle", help=TOOLS["bundle"], description=TOOLS["bundle"])
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="embed images with the bundle's own model and add them")
+    add.add_argument("--images", required=True, metavar="DIR|CSV",
+                     help="a folder (a first-level sub-folder names the label) or a CSV/Parquet with path and "
+                          "optional id, label, text, group, split columns")
+    remove = actions.add_parser("remove", help="remove items by id (nothing is re-embedded)")
+    remove.add_argument("--ids", required=True, nargs="+", metavar="ID", help="ids of the items to remove")
+    tool_parsers = [add, remove]
+
+    p = sub.add_parser("search", help=TOOLS["search"], description=TOOLS["search"])
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--image", help="query image file")
+    query.add_argument("--text", help="query text (bundles of CLIP backbones)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML grid of the results' thumbnails")
+    tool_parsers.append(p)
+
+    p = sub.add_parser("infer", help=TOOLS["infer"], description=TOOLS["infer"])
+    p.add_argument("--queries", required=True, metavar="DIR|CSV", help="a folder of query images, or a CSV/Parquet "
+                                                                       "with a path column (and optional id)")
+    p.add_argument("--output", required=True, metavar="CSV",
+                   help="results: query_id, rank, item_id, score, label, label_name (skipped files: "
+                        "<output>.rejects.csv)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
+    tool_parsers.append(p)
+
+    for p in tool_parsers:
+        p.add_argument("--bundle", required=True, help="bundle folder (holds CURRENT)")
+        if p.prog.split()[-1] in ("search", "infer"):
+            p.add_argument("--k", type=int, default=10, help="results per query (default 10)")
+            p.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE",
+                           help="keep items whose column equals the value, e.g. label_name=shoes (repeatable)")
+            p.add_argument("--rerank", choices=["category", "boost"],
+                           help="category: the query's predicted category (label vote of its 10 nearest items) "
+                                "first; boost: +0.1 to their scores")
+    for p in [*tool_parsers, sub.choices["export"]]:
+        p.add_argument("-v", "--verbose", action="store_true", help="log debug lines too (and Python warnings)")
 
 
 def saved_run_config(args) -> str | None:
@@ -193,8 +250,42 @@ def choose_backbones(config, args) -> None:
     validate(config)
 
 
+def main_tool(args) -> int:
+    """A serving tool: arguments checked before TensorFlow loads, errors in one line."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.core.logging_setup import import_tensorflow_quietly, setup_logging
+    from pipeline.runner import PHASE_ERRORS, check_tool, run_tool
+
+    setup_logging(verbose=args.verbose)
+    config = None
+    try:
+        if args.phase == "export":
+            saved = None if args.config else saved_run_config(args)
+            config = load_config(args.config or saved, [f"name={args.run}", *args.overrides])
+        check_tool(args, config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import_tensorflow_quietly()
+    try:
+        printed = run_tool(args, config)
+    except PHASE_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: a bundle is only ever replaced whole; nothing half-written is in use", file=sys.stderr)
+        return 130
+    if printed is not None:
+        print(printed)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pipeline.runner import TOOLS
+
+    if args.phase in TOOLS:
+        return main_tool(args)
     from pipeline.config import ConfigError
     from pipeline.core.logging_setup import import_tensorflow_quietly, setup_logging
     from pipeline.runner import PHASE_ERRORS, PHASES, check_before_work, run_phases

@@ -139,7 +139,8 @@ class ExtractConfig:
     mixed_precision: bool = False
     # The JSON interchange file (id, label, path, vector) next to the .npy files.
     write_json: bool = True
-    # FAISS index over the unit embeddings: "flat" (exact inner product) or "hnsw".
+    # FAISS index over the unit embeddings: "flat" (exact inner product), "hnsw", "ivfpq" (IVF-PQ with 8-bit
+    # re-scoring) or "auto" (flat up to 200,000 items, IVF-PQ beyond; pipeline/vectors/index.py).
     index: str = "flat"
     # Backbones with a text tower (CLIP): also embed the items' texts and one prompt per class.
     text: bool = True
@@ -344,7 +345,7 @@ _CHOICES = {
     ("data", "label_from"): ("first", "parent"),
     ("data", "text_prompt_mode"): ("missing", "all"),
     ("extract", "dtype"): ("float32", "float16"),
-    ("extract", "index"): ("flat", "hnsw"),
+    ("extract", "index"): ("flat", "hnsw", "ivfpq", "auto"),
     ("train", "mode"): ("head", "finetune"),
     ("train", "positives"): ("label", "group"),
 }

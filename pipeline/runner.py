@@ -1,4 +1,4 @@
-"""The phases, defined once, and running them in order for one configuration.
+"""The phases, defined once, and running them in order for one configuration; the serving tools.
 
 `PHASES` is the only list of phases: run.py builds its sub-commands from it, and
 `run_phases` runs any of them by one loop over it. Each phase says which configuration
@@ -7,12 +7,16 @@ config.yaml, so later commands on the run start from settings that worked, and a
 failed command (a bad loss name, an impossible image size, an empty source folder)
 changes nothing there.
 
+`TOOLS` are the commands that use a run's results instead of making them (export a bundle, change it,
+search it); `check_tool` validates their arguments before TensorFlow loads, `run_tool` runs one.
+
 Importing this module loads no TensorFlow: a phase imports its module when it runs.
 """
 from __future__ import annotations
 
 import logging
 import time
+from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,3 +138,80 @@ def save_settings(config: RunConfig, sections: tuple[str, ...]) -> Path:
         current = {key: merged[key] for key in current if key in merged}
     atomic.write_text(path, yaml.safe_dump(current, sort_keys=False))
     return path
+
+
+# --------------------------------------------------------------------------- serving tools
+
+TOOLS: dict[str, str] = {
+    "export": "export a run's best (or a named) model and its whole collection as a search bundle",
+    "bundle": "change a bundle: add images (embedded with its own model) or remove ids; a new version each time",
+    "search": "search a bundle with an image or a text: a table, JSON, or an HTML grid of thumbnails",
+    "infer": "answer a folder or CSV of query images from a bundle into one CSV (query, rank, item, score)",
+}
+
+
+def check_tool(args: Namespace, config: RunConfig | None) -> None:
+    """Every check of a tool's arguments that needs no TensorFlow; ConfigError (one line) for the first
+    that fails."""
+    from pipeline.phases.infer import parse_filters
+    from pipeline.serving.bundle import ITEM_COLUMNS, BundleError, current_version
+
+    if args.phase == "export":
+        if not RunDir(config).root.is_dir():
+            raise ConfigError(f"no run {config.name!r} in {config.runs_dir}/: run its phases first")
+        return
+    try:
+        if current_version(args.bundle) is None:
+            raise ConfigError(f"no bundle at {args.bundle} (no CURRENT): write one with `python run.py export`")
+    except BundleError as exc:
+        raise ConfigError(str(exc)) from None
+    if getattr(args, "text", None) is not None and \
+            not (Path(args.bundle) / "versions" / current_version(args.bundle) / "text_model").is_dir():
+        raise ConfigError(f"bundle {args.bundle} has no text model (its backbone embeds no text): search it with "
+                          "--image")
+    for flag, path in (("--images", getattr(args, "images", None)), ("--queries", getattr(args, "queries", None)),
+                       ("--image", getattr(args, "image", None))):
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"{flag} {path}: no such file or folder")
+    for flag in ("k", "batch_size"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    try:
+        unknown = sorted(set(parse_filters(getattr(args, "filter", None))) - set(ITEM_COLUMNS))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if unknown:
+        raise ConfigError(f"unknown filter column(s) {unknown}; item columns: {', '.join(ITEM_COLUMNS)}")
+    for path in (getattr(args, "html", None), getattr(args, "output", None)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise ConfigError(f"{path}: its folder does not exist")
+
+
+def run_tool(args: Namespace, config: RunConfig | None) -> str | None:
+    """Run a tool; returns what it prints on standard output (search results), if anything."""
+    from pipeline.phases.infer import parse_filters
+
+    filters = parse_filters(getattr(args, "filter", None))
+    if args.phase == "export":
+        from pipeline.phases.export import run_export
+
+        log.info("bundle: %s", run_export(config, model=args.model, out=args.out, force=args.force).resolve())
+    elif args.phase == "bundle" and args.action == "add":
+        from pipeline.phases.export import run_bundle_add
+
+        run_bundle_add(args.bundle, args.images)
+    elif args.phase == "bundle":
+        from pipeline.phases.export import run_bundle_remove
+
+        run_bundle_remove(args.bundle, args.ids)
+    elif args.phase == "search":
+        from pipeline.phases.infer import run_search
+
+        return run_search(args.bundle, image=args.image, text=args.text, k=args.k, filters=filters,
+                          rerank=args.rerank, output="json" if args.json else "table", html_path=args.html)
+    else:
+        from pipeline.phases.infer import run_infer
+
+        run_infer(args.bundle, args.queries, args.output, k=args.k, batch_size=args.batch_size, filters=filters,
+                  rerank=args.rerank)
+    return None

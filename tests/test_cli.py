@@ -138,3 +138,31 @@ def test_a_bad_loss_is_one_line_without_tensorflows_start_up_noise(tmp_path):
     assert done.returncode == 2
     assert done.stderr.splitlines() == [done.stderr.strip()] and "unknown loss ['bogus']" in done.stderr, done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_serving_tools_are_sub_commands_with_their_own_flags(capsys):
+    from pipeline.runner import TOOLS
+
+    parser = cli.build_parser()
+    assert parser.parse_args(["export", "--run", "r"]).model == "best"
+    assert parser.parse_args(["bundle", "remove", "--bundle", "b", "--ids", "a", "b"]).ids == ["a", "b"]
+    assert parser.parse_args(["search", "--bundle", "b", "--text", "red dress"]).k == 10
+    assert parser.parse_args(["infer", "--bundle", "b", "--queries", "q", "--output", "r.csv"]).batch_size == 32
+    with pytest.raises(SystemExit):
+        parser.parse_args(["search", "--bundle", "b", "--image", "q.jpg", "--text", "both"])
+    for name in TOOLS:
+        assert TOOLS[name].split(":")[0] in _help(name, capsys=capsys)
+    assert "--filter COLUMN=VALUE keep items whose column equals the value" in _help("search", capsys=capsys)
+
+
+def test_serving_tool_mistakes_are_found_before_tensorflow_is_imported(tmp_path):
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import run; rc = run.main(sys.argv[2:]); "
+            "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'; sys.exit(rc)")
+    for argv in (["search", "--bundle", str(tmp_path / "none"), "--image", "q.jpg"],
+                 ["infer", "--bundle", str(tmp_path / "none"), "--queries", ".", "--output", "r.csv"],
+                 ["bundle", "remove", "--bundle", str(tmp_path / "none"), "--ids", "x"],
+                 ["export", "--run", "nope", "--set", f"runs_dir={tmp_path}/runs"]):
+        done = subprocess.run([sys.executable, "-c", code, str(REPO), *argv], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr

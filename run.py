@@ -134,6 +134,18 @@ def add_tool_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
     tool_parsers.append(p)
 
+    p = sub.add_parser("serve", help=TOOLS["serve"], description=TOOLS["serve"])
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes, each loading the model and index once (default 1)")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="file holding a bearer token (first line, 16+ characters); enables POST /items and "
+                        "DELETE /items/{id}")
+    p.add_argument("--micro-batch", action="store_true",
+                   help="batch concurrent image requests onto one model call (off by default: see BENCHMARKS.md)")
+    tool_parsers.append(p)
+
     for p in tool_parsers:
         p.add_argument("--bundle", required=True, help="bundle folder (holds CURRENT)")
         if p.prog.split()[-1] in ("search", "infer"):

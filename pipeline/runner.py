@@ -147,6 +147,7 @@ TOOLS: dict[str, str] = {
     "bundle": "change a bundle: add images (embedded with its own model) or remove ids; a new version each time",
     "search": "search a bundle with an image or a text: a table, JSON, or an HTML grid of thumbnails",
     "infer": "answer a folder or CSV of query images from a bundle into one CSV (query, rank, item, score)",
+    "serve": "serve a bundle over HTTP (FastAPI + uvicorn): search API, search page at /, /health, /metrics",
 }
 
 
@@ -173,6 +174,16 @@ def check_tool(args: Namespace, config: RunConfig | None) -> None:
                        ("--image", getattr(args, "image", None))):
         if path is not None and not Path(path).exists():
             raise ConfigError(f"{flag} {path}: no such file or folder")
+    if args.phase == "serve":
+        if not 1 <= args.port <= 65535 or args.workers < 1:
+            raise ConfigError(f"--port must be 1..65535 and --workers at least 1, got {args.port} and {args.workers}")
+        if args.token_file is not None:
+            from pipeline.serving.api import read_token_file
+
+            try:
+                read_token_file(args.token_file)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
     for flag in ("k", "batch_size"):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -204,6 +215,12 @@ def run_tool(args: Namespace, config: RunConfig | None) -> str | None:
         from pipeline.phases.export import run_bundle_remove
 
         run_bundle_remove(args.bundle, args.ids)
+    elif args.phase == "serve":
+        from pipeline.serving.api import Batching, ServeOptions, read_token_file, serve
+
+        token = read_token_file(args.token_file) if args.token_file else None
+        serve(args.bundle, host=args.host, port=args.port, workers=args.workers, token=token,
+              options=ServeOptions(batching=Batching(enabled=args.micro_batch)))
     elif args.phase == "search":
         from pipeline.phases.infer import run_search
 

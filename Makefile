@@ -41,7 +41,7 @@ test: install lint
 
 bench: install
 	$(PY) bench/bench_extract_pipeline.py
-	$(PY) bench/bench_retrieval.py
+	$(PY) bench/bench_retrieval.py --output bench/RESULTS_retrieval.md
 
 clean:
 	rm -rf runs reports/demo tfrecords/fashion_mnist*

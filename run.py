@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--k", type=int, help="neighbours per query (default 5)")
             g.add_argument("--gallery", help="gallery splits, e.g. test or train,val,test")
     add_tool_parsers(sub)
+    from pipeline.phases.similarity import add_arguments as add_similarity_parser
+
+    add_similarity_parser(sub)
     return parser
 
 
@@ -298,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.phase in TOOLS:
         return main_tool(args)
+    if args.phase == "similarity":
+        from pipeline.phases.similarity import main as similarity_main
+
+        return similarity_main(args)
     from pipeline.config import ConfigError
     from pipeline.core.logging_setup import import_tensorflow_quietly, setup_logging
     from pipeline.runner import PHASE_ERRORS, PHASES, check_before_work, run_phases

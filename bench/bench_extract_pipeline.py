@@ -70,6 +70,8 @@ def main() -> None:
         model.predict(image_dataset(shards, args.size, args.batch), verbose=0)
         piped.append(n / (time.perf_counter() - t))
     b, p = statistics.median(bare), statistics.median(piped)
+    print("| backbone | images | bare img/s | pipeline img/s | ratio |")
+    print("|---|---:|---:|---:|---:|")
     print(f"| {args.backbone}{' a' + str(args.alpha) if args.backbone == 'mobilenet' else ''} @{args.size} "
           f"| {n} | {b:.1f} | {p:.1f} | {p / b:.2f} |")
     print(f"runs bare: {[round(x, 1) for x in bare]}  pipeline: {[round(x, 1) for x in piped]}")

@@ -11,7 +11,8 @@ then L2-normalised), the way class embeddings look. Cases:
   (a test split searched in the full collection).
 
 Each case runs in its own subprocess, so its peak RSS (getrusage maxrss) is its own.
-Results are printed as a markdown table and written to bench/RESULTS_retrieval.md.
+Results are printed as a markdown table; with `--output FILE` they are also written, as a
+markdown page, to FILE (e.g. `--output bench/RESULTS_retrieval.md` to refresh the tracked results).
 """
 from __future__ import annotations
 
@@ -172,7 +173,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs per case; the table shows the fastest")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="before each run, wait up to this long for the (shared) machine to be idle")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file to write ('-' for none)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"markdown file to write (default: none; the tracked one is {RESULTS.relative_to(REPO)})")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # set in the per-case subprocess
     args = parser.parse_args()
 
@@ -228,7 +230,7 @@ def main() -> None:
         )
     print("\n".join(table + [""] + breakdown))
 
-    if str(args.output) != "-":
+    if args.output is not None and str(args.output) != "-":
         from pipeline.core.atomic import write_text
 
         command_line = " ".join(["python bench/bench_retrieval.py", *sys.argv[1:]])

@@ -14,6 +14,7 @@ from typing import Any
 
 from models.backbones import DEFAULT_BACKBONE, get_spec
 from pipeline.config_io import ConfigError, from_dict, parse_value, read_yaml_file, set_field, to_dict
+from pipeline.train_config import TrainConfig, validate_training
 
 __all__ = ["ConfigError", "DataConfig", "BackboneConfig", "ExtractConfig", "EvaluateConfig", "TrainConfig",
            "RunConfig", "load_config", "apply_override", "validate", "validate_losses", "to_dict", "from_dict"]
@@ -147,6 +148,9 @@ class ExtractConfig:
     # The class prompt of zero-shot classification ("{label}" = the class name, underscores as spaces).
     # Embedded here in phase 1, where the text tower is, so it belongs to this section and its fingerprint.
     zero_shot_prompt: str = "a photo of a {label}"
+    # Also cache each item's token sequence (tokens.npy, float16, memory-mapped): CLIP's class + patch tokens,
+    # a CNN's last feature-map positions. What phase 3's transformer head trains on (train.head_type).
+    tokens: bool = False
 
 
 @dataclass
@@ -159,6 +163,9 @@ class EvaluateConfig:
     gallery_splits: list[str] = field(default_factory=lambda: ["test"])
     k: int = 5
     chunk_size: int = 1024
+    # Queries scored: 0 = every item of the query split; otherwise at most this many, drawn
+    # stratified by class with `seed` (the gallery is never sampled).
+    max_queries: int = 0
     # Points drawn (stratified, seeded) for the 2-D projections and heatmap.
     projection_sample: int = 2000
     projections: list[str] = field(default_factory=lambda: ["pca", "tsne", "umap"])
@@ -166,100 +173,6 @@ class EvaluateConfig:
     grid_queries: int = 8
     kmeans: bool = True
     seed: int = 0
-
-
-@dataclass
-class TrainConfig:
-    """Phase 3: metric-learning heads (and, later, fine-tuned backbones).
-
-    Every field says, in its metadata, whether it enters the fingerprint of a trained
-    model (pipeline/training/loop.py `fingerprinted_settings` reads it; a field without
-    the rule is refused there, so a new setting cannot silently retrain, or fail to
-    retrain, every finished model):
-        {"fingerprint": True}                       its value enters
-        {"fingerprint": False}                      it never does (the comment says why)
-        "modes": ("finetune",)                      it enters only in these modes (and is
-                                                    only recorded in their training.json)
-        "omitted_at": value                         added after models were first trained: at the
-                                                    value that reproduces those models it stays out,
-                                                    so finished runs stay up to date
-        "fixed_at": value                           it enters at this value whatever it is set to
-        "used_if": "other_field"                    it enters only while that setting is > 0
-        "per_loss": True                            each model fingerprints and records its own
-                                                    loss (name and full configuration) instead
-    """
-
-    # One or several losses from models.losses.LOSSES; each trains its own model.
-    # Not fingerprinted as a list: each model's fingerprint holds its own loss and configuration.
-    losses: list[str] = field(default_factory=lambda: ["triplet"],
-                              metadata={"fingerprint": False, "per_loss": True})
-    # "head": frozen backbone, train the head on cached phase-1 features.
-    # "finetune": train the trunk's last layers and the head end to end, on images.
-    mode: str = field(default="head", metadata={"fingerprint": True})
-    # Width of the trained embedding head. Finetune mode only: 0 = no head, the backbone's own
-    # L2-normalised output is the embedding (CLIP fine-tuned as it is, e.g. configs/clip-supcon.yaml).
-    embedding_dim: int = field(default=512, metadata={"fingerprint": True})
-    epochs: int = field(default=30, metadata={"fingerprint": True})
-    # Class-balanced batches: P classes × K samples.
-    n_classes_per_batch: int = field(default=16, metadata={"fingerprint": True})
-    n_samples_per_class: int = field(default=4, metadata={"fingerprint": True})
-    # 0 = one pass over the training items
-    steps_per_epoch: int = field(default=0, metadata={"fingerprint": True})
-    learning_rate: float = field(default=1e-3, metadata={"fingerprint": True})
-    weight_decay: float = field(default=1e-4, metadata={"fingerprint": True})
-    early_stopping_patience: int = field(default=5, metadata={"fingerprint": True})
-    reduce_lr_patience: int = field(default=2, metadata={"fingerprint": True})
-    # Epochs between periodic checkpoints.
-    checkpoint_every: int = field(default=5, metadata={"fingerprint": True})
-    # Per-loss hyper-parameters, e.g. {"triplet": {"margin": 0.2, "mining": "semi_hard"}}.
-    # Not fingerprinted as a whole: each model's fingerprint holds its own loss's full configuration.
-    loss_params: dict = field(default_factory=dict, metadata={"fingerprint": False, "per_loss": True})
-    # Used when the dataset has no usable validation split: the share of the training
-    # classes held out, or, when the classes left could not fill a batch
-    # (n_classes_per_batch), the share of each training class's items.
-    holdout_fraction: float = field(default=0.1, metadata={"fingerprint": True})
-    # XLA-compile the train step: batches are fixed-size P×K, so it compiles once; on
-    # 2 CPU cores it roughly doubles head-mode steps/s (bench/bench_loss_overhead.py).
-    jit_compile: bool = field(default=True, metadata={"fingerprint": True})
-    # Also save the image-level model (backbone + head): .keras and a TF SavedModel.
-    # Whether phase 3 exports changes nothing about training: always fingerprinted as
-    # its default, so fingerprints from before the setting existed still match.
-    export: bool = field(default=True, metadata={"fingerprint": True, "fixed_at": True})
-    seed: int = field(default=0, metadata={"fingerprint": True})
-    # mixed_float16 compute (GPUs); the losses and the final L2 normalisation stay float32.
-    mixed_precision: bool = field(default=False, metadata={"fingerprint": True, "omitted_at": False})
-    # MirroredStrategy over exactly these devices (e.g. ["/gpu:0", "/gpu:1"]); empty: all
-    # visible GPUs when there are several, TF_CONFIG's workers when it is set (pipeline/distribute.py).
-    # Not fingerprinted: the same global batches are learnt from on any number of devices.
-    devices: list[str] = field(default_factory=list, metadata={"fingerprint": False})
-    # What makes two items a positive pair: "label", or "group" (items derived from one
-    # original: the original and its variants); other groups are the negatives.
-    positives: str = field(default="label", metadata={"fingerprint": True, "omitted_at": "label"})
-    # Hard-negative seeding: share of each batch's other P-1 classes taken from the
-    # classes of the items the phase-1 baseline ranks highest for the batch's anchor
-    # (0 = plain class-balanced batches), from each item's `hard_negatives_per_item` top negatives.
-    hard_negative_share: float = field(default=0.0, metadata={"fingerprint": True, "omitted_at": 0.0})
-    hard_negatives_per_item: int = field(default=10, metadata={"fingerprint": True,
-                                                                "used_if": "hard_negative_share"})
-    # Finetune mode only. How many of the trunk's last units train, counted from the output
-    # (BatchNormalization layers among them stay frozen); 0 trains the head alone, on images; a count
-    # at or above the number of units trains the whole trunk. The units are the backbone's
-    # (models/backbones/registry.py `finetune_units`): for keras.applications backbones the trunk's
-    # layers; for CLIP, input to output: patch+position embedding, pre layer norm, each transformer
-    # block, post layer norm, projection. So for CLIP 1 = the projection, 2 = + post layer norm,
-    # 2 + b = + the last b transformer blocks, blocks + 4 = the whole vision tower (28 for ViT-L/14).
-    finetune_layers: int = field(default=20, metadata={"fingerprint": True, "modes": ("finetune",)})
-    # The trunk's learning rate; the head trains at `learning_rate` (one AdamW with a
-    # per-variable multiplier, models/optimizers.py).
-    finetune_learning_rate: float = field(default=1e-4, metadata={"fingerprint": True, "modes": ("finetune",)})
-    # Random resized crop, horizontal flip and mild colour jitter of training images.
-    augment: bool = field(default=True, metadata={"fingerprint": True, "modes": ("finetune",)})
-    # After every epoch, the top-k neighbours (exact cosine search) of every validation item (the
-    # items the epoch's val_P@1 / val_MAP@R score, leave-one-out), ranked by the model as it is at the
-    # end of that epoch: results/retrieval_results_epoch_XX.json in the model's folder, a list of
-    # {query_id, query_label, ranked_ids, scores, labels}. 0 = off. Fingerprinted (the files come
-    # only from training) except at 0, so models trained before the setting existed stay current.
-    epoch_results_top_k: int = field(default=0, metadata={"fingerprint": True, "omitted_at": 0})
 
 
 @dataclass
@@ -377,11 +290,13 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("extract.batch_size must be at least 1")
     if config.evaluate.k < 1:
         raise ConfigError("evaluate.k must be at least 1")
+    if config.evaluate.max_queries < 0:
+        raise ConfigError("evaluate.max_queries must be >= 0 (0 = every query)")
     if not config.extract.backbones:
         raise ConfigError("extract.backbones is empty")
     for index, backbone in enumerate(config.extract.backbones):
         _validate_backbone(backbone, f"extract.backbones[{index}]")
-    _validate_training(config.train)
+    validate_training(config.train)
     if not 0.0 <= config.train.hard_negative_share <= 1.0:
         raise ConfigError(f"train.hard_negative_share must lie in [0, 1], got {config.train.hard_negative_share}")
     if config.train.hard_negatives_per_item < 1:
@@ -418,24 +333,6 @@ def _validate_backbone(backbone: BackboneConfig, where: str) -> None:
         backbone.params = spec.resolve_params(backbone.params)
     except ValueError as exc:
         raise ConfigError(f"{where} ({backbone.name}): {exc}") from None
-
-
-def _validate_training(train: TrainConfig) -> None:
-    if not train.losses:
-        raise ConfigError("train.losses is empty: name at least one loss")
-    for key in ("n_classes_per_batch", "n_samples_per_class"):
-        if getattr(train, key) < 2:
-            raise ConfigError(f"train.{key} must be at least 2")
-    if train.epochs < 1 or train.steps_per_epoch < 0 or train.embedding_dim < 0:
-        raise ConfigError("train.epochs must be positive, train.embedding_dim and train.steps_per_epoch >= 0")
-    if train.embedding_dim == 0 and train.mode != "finetune":
-        raise ConfigError("train.embedding_dim 0 (no head) needs train.mode finetune: in head mode the head is "
-                          "all that trains")
-    if train.epoch_results_top_k < 0:
-        raise ConfigError(f"train.epoch_results_top_k must be >= 0 (0 = off), got {train.epoch_results_top_k}")
-    if train.finetune_layers < 0 or train.finetune_learning_rate <= 0 or train.learning_rate <= 0:
-        raise ConfigError("train.finetune_layers must be >= 0, train.learning_rate and "
-                          "train.finetune_learning_rate positive")
 
 
 def validate_losses(config: RunConfig) -> None:

@@ -9,6 +9,7 @@ from models.backbones.registry import (  # noqa: F401
     Param,
     TrunkBuilder,
     TextTowerBuilder,
+    TokenTrunkBuilder,
     TrunkRequest,
     WeightsUnavailableError,
     build_feature_extractor,

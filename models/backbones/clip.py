@@ -134,6 +134,22 @@ class KerasHubCLIP:
         return CLIPTextEmbedder(tokenizer=tokenizer, model=text_model(backbone, trunk.name.removesuffix("_vision")),
                                 tokenizer_source=described)
 
+    def trunk_with_tokens(self, trunk, images):
+        """(the projected image embedding, the vision encoder's sequence output (batch, 1 + patches, width)).
+
+        The sequence is taken after the encoder's final (post) layer norm, which keras-hub applies to every
+        token: its class token (position 0) is exactly what CLIP's pooler hands the projection, so the cached
+        tokens and the pooled vector describe one state of the network; and each token comes out normalised,
+        scaled by the trained gain, so the float16 cache holds values of order one (the residual stream
+        before the norm carries outlier channels far larger). The head's own LayerNorm comes next anyway.
+        """
+        backbone, _ = _BUILT[trunk]
+        x = images
+        if any(layer.name == "clip_resize" for layer in trunk.layers):
+            x = trunk.get_layer("clip_resize")(x)
+        sequence = backbone.vision_encoder({"images": x})
+        return backbone.vision_projection(backbone.vision_pooler(sequence)), sequence
+
     def finetune_units(self, trunk) -> list:
         """Input to output: the patch and position embedding, the pre layer norm, each transformer block,
         the post layer norm, the vision projection (`finetune_layers: N` trains the last N of them)."""

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["WeightsUnavailableError", "Param", "TrunkRequest", "TrunkBuilder", "BackboneSpec", "BACKBONES",
            "register", "get_spec", "parameter_help", "FeatureExtractor", "TextTowerBuilder", "build_feature_extractor",
-           "seeded_initialisation", "FinetunableTrunkBuilder", "finetune_units"]
+           "seeded_initialisation", "FinetunableTrunkBuilder", "finetune_units", "TokenTrunkBuilder"]
 
 log = logging.getLogger("embedlab.backbones")
 
@@ -93,6 +93,17 @@ class FinetunableTrunkBuilder(Protocol):
         Together they must hold every variable of the trunk (a transformer's blocks live inside one
         nested encoder layer, so the trunk's own `layers` would not name them).
         """
+
+
+class TokenTrunkBuilder(Protocol):
+    """A trunk builder that says how its token sequence is had (CLIP: the vision encoder's sequence output).
+
+    Builders without it give the trunk's last feature map, its H x W positions as tokens (keras.applications).
+    """
+
+    def trunk_with_tokens(self, trunk: keras.Model, images) -> tuple[Any, Any]:
+        """(the trunk's output, its tokens (batch, T, C)) for the symbolic, preprocessed `images`, from the
+        layers (and so the weights) of `trunk`."""
 
 
 def finetune_units(name: str, trunk: keras.Model) -> list[keras.layers.Layer]:
@@ -232,6 +243,8 @@ def seeded_initialisation(seed: int) -> Iterator[None]:
 @dataclass
 class FeatureExtractor:
     model: keras.Model        # images [0, 255] -> {"pooled": raw features, "embedding": unit vectors}
+    #                           (+ "tokens" (batch, T, C) float16, each item scaled to a peak of 1
+    #                           (models/heads TokenScale), when built `with_tokens`)
     name: str
     image_size: int
     dim: int
@@ -240,13 +253,32 @@ class FeatureExtractor:
     text: Any = None          # CLIPTextEmbedder when asked for (`with_text`) and the backbone has a text tower
 
 
+def _trunk_with_tokens(spec: BackboneSpec, trunk, images):
+    """(trunk output, tokens (batch, T, C)) for the preprocessed `images`."""
+    import keras
+
+    split = getattr(spec.trunk, "trunk_with_tokens", None)
+    if callable(split):
+        return split(trunk, images)
+    output = trunk(images, training=False)
+    if len(output.shape) != 4:
+        raise ValueError(f"backbone {spec.name!r} gives no feature map to take tokens from (output {output.shape})")
+    height, width, channels = output.shape[1:]
+    return output, keras.layers.Reshape((height * width, channels), name="feature_map_tokens")(output)
+
+
 def build_feature_extractor(name: str, *, weights: str = "imagenet", image_size: int = 0,
                             params: Mapping[str, Any] | None = None, weights_fallback: str = "error",
-                            init_seed: int = 0, with_text: bool = False, **param_values: Any) -> FeatureExtractor:
+                            init_seed: int = 0, with_text: bool = False, with_tokens: bool = False,
+                            **param_values: Any) -> FeatureExtractor:
     """Build a backbone's extractor. Its options come as `params` or as keywords (`alpha=0.25`).
 
     `with_text`: also build the text tower of the same weights (`FeatureExtractor.text`), where the
     backbone has one (`BackboneSpec.has_text`); other backbones ignore it.
+    `with_tokens`: the model gets a third output, "tokens" (batch, T, C) float16, each item divided by its
+    largest absolute value (`TokenScale`; what phase 1 caches and the transformer head reads):
+    the builder's `trunk_with_tokens` where it has one (`TokenTrunkBuilder`), else the positions of the
+    trunk's last feature map, (H·W, C), row by row.
     """
     import keras
 
@@ -281,12 +313,23 @@ def build_feature_extractor(name: str, *, weights: str = "imagenet", image_size:
 
     images = keras.Input(shape=request.input_shape, name="images")
     x = ImagePreprocess(spec.preprocess, name="preprocess")(images)
-    x = trunk(x, training=False)
+    tokens = None
+    if with_tokens:
+        x, tokens = _trunk_with_tokens(spec, trunk, x)
+    else:
+        x = trunk(x, training=False)
     if len(x.shape) == 4:
         x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     pooled = keras.layers.Activation("linear", dtype="float32", name="pooled")(x)
     embedding = L2Normalize(name="embedding")(pooled)
-    model = keras.Model(images, {"pooled": pooled, "embedding": embedding}, name=f"{name}_extractor")
+    outputs = {"pooled": pooled, "embedding": embedding}
+    if tokens is not None:
+        from models.heads.transformer_projection import TokenScale
+
+        # Scaled per item and float16: the form they are cached in (a 50 x 768 sequence per image), so a head
+        # trained on the cache sees, composed with the backbone at export, exactly the values it trained on.
+        outputs["tokens"] = TokenScale(name="tokens")(tokens)
+    model = keras.Model(images, outputs, name=f"{name}_extractor")
     text = None
     if with_text and spec.has_text:
         if weights not in ("imagenet", "none", "", None):

@@ -2,7 +2,8 @@
 
 Modules: base (the contract `BatchLoss.compute(embeddings, labels, ref_embeddings, ref_labels)`
 and the shared pair algebra), pair (triplet, contrastive, contrastive-softmax,
-multi-similarity), softmax (SupCon, InfoNCE), proxy (ArcFace), registry (LOSSES, get_loss).
+multi-similarity), softmax (SupCon, InfoNCE), proxy (ArcFace), multimodal (images and texts:
+SiameseCLIP's multimodal contrastive loss), registry (LOSSES, get_loss).
 
 Names are resolved on first use (PEP 562), so `models.losses.registry.LOSS_NAMES` can be read
 without importing Keras.
@@ -15,6 +16,7 @@ _WHERE = {
     "MultiSimilarityLoss": "pair", "TripletLoss": "pair",
     "ArcFaceLoss": "proxy",
     "InfoNCELoss": "softmax", "SupConLoss": "softmax",
+    "MultimodalContrastiveLoss": "multimodal",
     "LOSSES": "registry", "LOSS_NAMES": "registry", "get_loss": "registry",
 }
 __all__ = sorted(_WHERE)

@@ -216,12 +216,15 @@ class BatchLoss(keras.losses.Loss):
     * `requires_classifier`: the model's output must be class cosines from
       `models.classifier.CosineClassifier` (labels 0..C-1), not embeddings;
     * `accepts_reference`: `compute` accepts reference embeddings and labels;
-    * `training_metrics()`: the Keras metrics that make sense on the model's output.
+    * `training_metrics()`: the Keras metrics that make sense on the model's output;
+    * `uses_text_references`: with texts at hand, the trainer hands the loss the items' text
+      embeddings as references (all-zero rows for items without text), not only the embeddings.
     """
 
     registry_name = ""
     requires_classifier = False
     accepts_reference = True
+    uses_text_references = False
 
     def __init__(self, name: str | None = None, reduction: str | None = "sum_over_batch_size", **kwargs):
         # float32 regardless of the global policy: Loss.__call__ then casts y_pred up

@@ -164,9 +164,18 @@ class ContrastiveSoftmaxLoss(TemperatureLoss):
         embeddings, labels, ref_embeddings, ref_labels = resolve_reference(embeddings, labels, ref_embeddings,
                                                                            ref_labels)
         positive, negative = pair_masks(labels, ref_labels)
-        sim = cosine_similarity(embeddings, ref_embeddings)
-        cube = ops.softplus((ops.expand_dims(sim, 1) - ops.expand_dims(sim, 2)) / self.temperature)
-        return masked_mean(cube, triplet_mask(positive, negative))
+        return two_way_softmax_mean(cosine_similarity(embeddings, ref_embeddings), positive, negative,
+                                    self.temperature)
+
+
+def two_way_softmax_mean(sim, positive, negative, temperature: float):
+    """Mean over the valid (a, p, n) triplets of the (B, M) similarities `sim` of
+    -log(exp(s_ap/τ) / (exp(s_ap/τ) + exp(s_an/τ))) = softplus((s_an - s_ap)/τ); 0 when there is none.
+
+    `positive` / `negative` are (B, M) masks of each anchor's positives and negatives.
+    """
+    cube = ops.softplus((ops.expand_dims(sim, 1) - ops.expand_dims(sim, 2)) / temperature)
+    return masked_mean(cube, triplet_mask(positive, negative))
 
 
 @keras.saving.register_keras_serializable(package="embedlab")

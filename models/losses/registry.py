@@ -22,6 +22,7 @@ ENTRIES: dict[str, tuple[str, str]] = {
     "multisimilarity": ("pair", "MultiSimilarityLoss"),
     "supcon": ("softmax", "SupConLoss"),
     "infonce": ("softmax", "InfoNCELoss"),
+    "multimodal_contrastive": ("multimodal", "MultimodalContrastiveLoss"),
 }
 LOSS_NAMES: tuple[str, ...] = tuple(ENTRIES)
 

@@ -3,9 +3,11 @@
     tfrecords/<dataset>/dataset.json     phase 0's summary, written last (`load_dataset_meta`)
     runs/<run>/dataset_ref.json          which dataset build the run was made on (`write_dataset_ref`)
     runs/<run>/embeddings/<tag>/         an embedding set (`write_embedding_artifacts`, `load_embeddings`)
-        items.csv, embeddings.npy, features_raw.npy, embeddings.json, index.faiss, meta.json (last)
+        items.csv (row, id, split, label, label_name, path, text, group, role), embeddings.npy, features_raw.npy,
+        embeddings.json, index.faiss, meta.json (last)
         and, for backbones with a text tower (`write_text_artifacts`, `load_text_embeddings`):
         text_embeddings.npy, class_prompt_embeddings.npy, items.csv's `has_text`, meta.json's "text"
+        and, with `extract.tokens` (`write_tokens`, `load_tokens`): tokens.npy, meta.json's "tokens"
 
 An artifact is current when its stored fingerprint equals the fingerprint of the settings and
 inputs that would produce it now (`is_current`). Every phase checks the fingerprints it depends
@@ -30,9 +32,10 @@ DATASET_REF_JSON = "dataset_ref.json"
 META_JSON = "meta.json"
 ITEMS_CSV = "items.csv"
 # Text columns stay text ("001" is a class name, not 1; an empty group is "", not NaN).
-ITEMS_DTYPES = {"id": str, "split": str, "label_name": str, "path": str, "text": str, "group": str}
+ITEMS_DTYPES = {"id": str, "split": str, "label_name": str, "path": str, "text": str, "group": str, "role": str}
 TEXT_EMBEDDINGS_NPY = "text_embeddings.npy"
 CLASS_PROMPTS_NPY = "class_prompt_embeddings.npy"
+TOKENS_NPY = "tokens.npy"
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -87,6 +90,9 @@ def extraction_fingerprint(dataset_meta: dict, backbone, settings, text: dict | 
     }
     if text is not None:
         inputs["text"] = text
+    if getattr(settings, "tokens", False):
+        # Only when on, so the fingerprints of sets extracted before tokens existed stay the same.
+        inputs["tokens"] = True
     return fingerprint_of(inputs)
 
 
@@ -176,9 +182,13 @@ def dataset_label(run_dir, dataset_meta: dict) -> str:
 
 
 def read_items(emb_dir: Path):
+    """items.csv; a set extracted before roles were read has no `role` column and reads as having no roles."""
     import pandas as pd
 
-    return pd.read_csv(emb_dir / ITEMS_CSV, keep_default_na=False, dtype=ITEMS_DTYPES)
+    items = pd.read_csv(emb_dir / ITEMS_CSV, keep_default_na=False, dtype=ITEMS_DTYPES)
+    if "role" not in items:
+        items["role"] = ""
+    return items
 
 
 def check_embeddings_dataset(emb_dir: Path, emb_meta: dict, dataset_meta: dict | None, name: str = "") -> None:
@@ -206,7 +216,8 @@ def load_embeddings(emb_dir: Path, dataset_meta: dict | None = None, run_name: s
 
 
 def load_phase1_features(emb_dir: Path, dataset_meta: dict | None = None) -> dict:
-    """items.csv, features_raw.npy and meta.json of a finished phase-1 run (what phase 3 trains on)."""
+    """items.csv, features_raw.npy, meta.json and tokens.npy (when cached) of a finished phase-1 run (what
+    phase 3 trains on)."""
     for name in (META_JSON, ITEMS_CSV, "features_raw.npy"):
         if not (emb_dir / name).is_file():
             raise PhaseInputError(f"no finished phase-1 output in {emb_dir} ({name} missing): run phase1 first "
@@ -218,7 +229,9 @@ def load_phase1_features(emb_dir: Path, dataset_meta: dict | None = None) -> dic
     if len(items) != len(features) or features.ndim != 2:
         raise PhaseInputError(f"{emb_dir}: items.csv ({len(items)} rows) and features_raw.npy {features.shape} "
                               "disagree: run phase1 again")
-    return {"items": items, "features": features, "meta": meta, "dir": emb_dir}
+    # "tokens": the cached token sequences, memory-mapped (None when phase 1 cached none).
+    return {"items": items, "features": features, "meta": meta, "dir": emb_dir,
+            "tokens": load_tokens(emb_dir, len(items), meta)}
 
 
 def write_embedding_artifacts(out: Path, items, raw: np.ndarray, unit: np.ndarray, settings) -> None:
@@ -291,3 +304,51 @@ def load_text_embeddings(emb_dir: Path, items, meta: dict) -> dict | None:
                                   f"({len(items)} rows) and the class prompts ({prompts.shape[1]}-d)")
     return {"text": text, "has_text": has_text, "class_prompts": prompts,
             "prompts": list(info.get("class_prompts") or []), "meta": info}
+
+
+# --------------------------------------------------------------------------- token sequences
+
+
+def write_tokens(out: Path, parts: list[Path]) -> tuple[int, int, int]:
+    """Assemble the per-shard token arrays `parts` (each an (n_i, T, C) .npy, in items.csv's row order) into
+    `out/tokens.npy`, (n, T, C) float16, and return its shape.
+
+    Streamed: the file is a memory map (np.lib.format.open_memmap) filled one memory-mapped part at a time,
+    so neither the whole array nor a second copy of it is ever in memory; it is published by a rename.
+    """
+    shapes = [np.load(part, mmap_mode="r").shape for part in parts]
+    if not shapes or any(len(shape) != 3 or shape[1:] != shapes[0][1:] for shape in shapes):
+        raise PhaseInputError(f"{out}: the shards' token arrays disagree in shape: {sorted(set(shapes))}")
+    shape = (sum(shape[0] for shape in shapes), *shapes[0][1:])
+    with atomic.atomic_path(out / TOKENS_NPY) as tmp:
+        tokens = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+        start = 0
+        for part in parts:
+            rows = np.load(part, mmap_mode="r")
+            tokens[start:start + len(rows)] = rows
+            start += len(rows)
+        tokens.flush()
+        del tokens  # closes the map before the rename
+    return shape
+
+
+def remove_tokens(out: Path) -> None:
+    """tokens.npy of an earlier extraction no longer describes the embeddings once these are redone."""
+    (out / TOKENS_NPY).unlink(missing_ok=True)
+
+
+def load_tokens(emb_dir: Path, n_items: int, meta: dict) -> np.ndarray | None:
+    """The cached token sequences of an embedding set, memory-mapped read-only ((n_items, T, C) float16), or
+    None when it has none (meta.json's "tokens" absent)."""
+    info = meta.get("tokens")
+    if not isinstance(info, dict):
+        return None
+    path = emb_dir / TOKENS_NPY
+    if not path.is_file():
+        raise PhaseInputError(f"{emb_dir}: meta.json records tokens but {TOKENS_NPY} is missing: "
+                              "run `python run.py phase1 --force`")
+    tokens = np.load(path, mmap_mode="r")
+    if tokens.ndim != 3 or tokens.shape[0] != n_items or tokens.dtype != np.float16:
+        raise PhaseInputError(f"{emb_dir}: {TOKENS_NPY} is {tokens.dtype} {tokens.shape}, not float16 "
+                              f"({n_items}, T, C) as items.csv: run `python run.py phase1 --force`")
+    return tokens

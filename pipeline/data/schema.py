@@ -24,6 +24,9 @@ class ImageRecord:
     sha256: str        # content hash of the source bytes (exact-duplicate detection)
     text: str = ""     # caption / product metadata (used by text-aware backbones)
     group: str = ""    # items of one group always share a split
+    # The item's part in its group: "original", "generated" or free text ("moderate", "radical"). Records written
+    # before roles existed lack the feature and read as "" (feature_spec's default), so SCHEMA_VERSION stays.
+    role: str = ""
 
 
 def shard_filename(split: str, index: int, count: int) -> str:
@@ -57,6 +60,7 @@ def serialize(record: ImageRecord) -> bytes:
         "sha256": b(record.sha256),
         "text": b(record.text),
         "group": b(record.group),
+        "role": b(record.role),
     }
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
@@ -68,7 +72,7 @@ def feature_spec() -> dict:
     n = tf.io.FixedLenFeature([], tf.int64, default_value=0)
     return {
         "image": s, "format": s, "label": n, "label_name": s, "id": s, "path": s,
-        "height": n, "width": n, "sha256": s, "text": s, "group": s,
+        "height": n, "width": n, "sha256": s, "text": s, "group": s, "role": s,
     }
 
 

@@ -20,7 +20,7 @@ from pipeline.core.run_dir import BUILTIN_DATASETS
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
 MANIFEST_REQUIRED = ("path", "label")
-MANIFEST_OPTIONAL = ("text", "group", "id")
+MANIFEST_OPTIONAL = ("text", "group", "id", "role")
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -50,6 +50,8 @@ class SourceItem:
     array: np.ndarray | None = None
     text: str = ""
     group: str = ""
+    # What the item is within its group: "original", "generated", or free text ("moderate", "radical").
+    role: str = ""
     reject: str = ""                # non-empty: refused without decoding
     size: int = -1                  # file size and mtime_ns, for the fingerprint
     mtime_ns: int = -1
@@ -175,7 +177,7 @@ def read_manifest_table(path: str | os.PathLike):
 
 
 def list_manifest(path: str | os.PathLike) -> list[SourceItem]:
-    """Rows of a `path,label[,text][,group][,id]` table; relative paths resolve against
+    """Rows of a `path,label[,text][,group][,id][,role]` table; relative paths resolve against
     the manifest's folder. Row order is kept; a repeated id is rejected after its first use."""
     path = Path(path)
     base = path.resolve().parent
@@ -188,7 +190,7 @@ def list_manifest(path: str | os.PathLike) -> list[SourceItem]:
         item_id = row.get("id", "").strip() or PurePosixPath(rel.replace("\\", "/")).as_posix()
         fields = dict(
             id=item_id, label_name=label,
-            text=row.get("text", ""), group=row.get("group", "").strip(),
+            text=row.get("text", ""), group=row.get("group", "").strip(), role=row.get("role", "").strip(),
         )
         if not rel:
             items.append(SourceItem(path="", reject=f"empty path (row {number})", **fields))

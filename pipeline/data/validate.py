@@ -215,3 +215,60 @@ def text_summary(items: Sequence[SourceItem], check: TextCheck, data: DataConfig
         "prompt": data.text_prompt,
         "prompt_mode": data.text_prompt_mode if data.text_prompt else "",
     }
+
+
+# --------------------------------------------------------------------------- roles
+
+# The role that marks a group's original (compared case-insensitively); any other role is a version of it.
+ORIGINAL_ROLE = "original"
+ROLE_EXAMPLES = 5
+
+
+def is_original(role: str) -> bool:
+    return role.strip().lower() == ORIGINAL_ROLE
+
+
+def role_summary(items: Sequence[SourceItem]) -> dict:
+    """dataset.json's "roles": how the items' `role` column describes their groups (originals and their versions).
+
+    Not fatal, only reported: a group with no original or with several (phase 2 cannot tell what its versions are
+    versions of, and leaves the group out of its group metrics), and a role on an item without a group.
+    """
+    members: dict[str, list[SourceItem]] = defaultdict(list)
+    for item in items:
+        if item.group:
+            members[item.group].append(item)
+    with_role = [item for item in items if item.role]
+    roles = Counter(item.role for item in with_role)
+    summary = {"with_role": len(with_role), "roles": dict(sorted(roles.items())), "n_groups": len(members)}
+    if not with_role:
+        return summary
+    originals = {group: sum(is_original(m.role) for m in group_items) for group, group_items in members.items()}
+    without = sorted(group for group, n in originals.items() if n == 0)
+    several = sorted(group for group, n in originals.items() if n > 1)
+    orphans = sorted(item.id for item in with_role if not item.group)
+    summary.update({
+        "n_groups_with_one_original": sum(n == 1 for n in originals.values()),
+        "n_groups_without_original": len(without), "groups_without_original": without[:ROLE_EXAMPLES],
+        "n_groups_with_several_originals": len(several), "groups_with_several_originals": several[:ROLE_EXAMPLES],
+        "n_roles_without_group": len(orphans), "roles_without_group": orphans[:ROLE_EXAMPLES],
+    })
+    return summary
+
+
+def role_warnings(summary: dict) -> list[str]:
+    """The sentences dataset.json's warnings and the log give for `role_summary`'s findings."""
+    warnings = []
+    for key, what in (("without_original", "no item with role 'original'"),
+                      ("with_several_originals", "more than one item with role 'original'")):
+        n = summary.get(f"n_groups_{key}", 0)
+        if n:
+            warnings.append(f"{n} group{'s have' if n > 1 else ' has'} {what} (e.g. "
+                            f"{', '.join(summary[f'groups_{key}'])}): phase 2 leaves "
+                            f"{'them' if n > 1 else 'it'} out of the originals-and-versions metrics")
+    n = summary.get("n_roles_without_group", 0)
+    if n:
+        warnings.append(f"{n} item{'s have' if n > 1 else ' has'} a role but no group (e.g. "
+                        f"{', '.join(summary['roles_without_group'])}): a role says what an item is within its "
+                        "group, so it is ignored there")
+    return warnings

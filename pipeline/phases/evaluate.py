@@ -10,10 +10,20 @@ and the HTML report `reports/<run>/index.html` over all backbones. For embedding
 (item and class relevance) and zero-shot classification (pipeline/vectors/crossmodal.py), with
     text_neighbours.csv the first images of every text query
     plots/grid_text_to_image.png   example text queries and their images
+For items in groups with an original and its versions (a manifest's `group` and `role`), metrics.json's
+"groups" holds group retrieval (original → its versions, version → its original), the closeness of each
+version to its original against non-matching pairs (cosine, MSE, MAE; AUC with a bootstrap interval), per role
+and per class, and neighbourhood consistency (an original's and its version's top k; for a trained set, every
+query's top k before and after training), computed by pipeline/vectors/groups.py on the query split's groups,
+with plots/groups_*.png.
 
 The three variants: unit vectors ranked by cosine similarity and by euclidean
 distance (which must agree: ||a-b||² = 2 - 2·cos(a, b) on the unit sphere), and the
-raw pooled features ranked by euclidean distance, where norms matter.
+raw pooled features ranked by euclidean distance, where norms matter. Two passes, not three:
+unit/euclidean is read off unit/cosine, after a real euclidean ranking of a seeded sample of
+queries confirmed the identity (metrics.json's "unit_identity"); where it does not hold (vectors
+not of unit length) unit/euclidean gets its own full pass. With `evaluate.max_queries` the queries
+are a seeded class-stratified sample of the query split (metrics.json's "protocol"."query_sample").
 
 This module reads the artifacts, calls the libraries (pipeline/vectors for the numbers,
 pipeline/reporting for pictures, sentences and the page) and writes the results.
@@ -34,10 +44,14 @@ from pipeline.core.artifacts import (
 )
 from pipeline.core.errors import PhaseInputError
 from pipeline.core.run_dir import RunDir, backbone_tag
+from pipeline.data.validate import is_original
 
 __all__ = ["VARIANTS", "evaluate_backbone", "load_embeddings", "evaluation_fingerprint", "run_evaluate"]
 
 log = logging.getLogger("embedlab.evaluate")
+
+# Queries whose unit/euclidean ranking is really computed to check the unit identity.
+IDENTITY_SAMPLE = 500
 
 # variant name -> (which stored array, distance)
 VARIANTS = {
@@ -86,16 +100,20 @@ def run_evaluate(config: RunConfig, force: bool = False, command: str = "") -> P
 def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force: bool = False,
                       dataset_meta: dict | None = None) -> Path:
     from pipeline.reporting.figures import make_evaluation_plots, start_projections
+    from pipeline.reporting.group_plots import start_group_projection
     from pipeline.reporting.readings import scoring_note
     from pipeline.vectors.diagnostics import clustering_scores, embedding_diagnostics
-    from pipeline.vectors.retrieval import retrieve
+    from pipeline.vectors.retrieval import check_unit_identity, euclidean_from_cosine, retrieve
 
     emb_dir = run_dir.embeddings_dir(tag)
     items, unit, raw, emb_meta = load_embeddings(emb_dir, dataset_meta, run_dir.config.name)
     out = run_dir.eval_dir(tag)
     fingerprint = evaluation_fingerprint(emb_meta, settings)
     metrics_path = out / "metrics.json"
-    if not force and is_current(metrics_path, fingerprint):
+    grouped = bool((items["group"] != "").any())
+    # An evaluation written before groups were scored lacks them: it is not up to date for grouped items.
+    if not force and is_current(metrics_path, fingerprint) and (not grouped or "groups" in atomic.read_json(
+            metrics_path)):
         log.info("phase 2: %s is up to date (use --force to redo)", out)
         return out
 
@@ -107,25 +125,45 @@ def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force
                               f"(splits present: {sorted(set(splits))})")
     if len(gallery_rows) == 0:
         raise PhaseInputError(f"{tag}: no embeddings for gallery split(s) {settings.gallery_splits}")
+    labels = items["label"].to_numpy()
+    query_rows, query_sample = sample_queries(query_rows, labels, settings)
     position_in_gallery = np.full(len(items), -1, dtype=np.int64)
     position_in_gallery[gallery_rows] = np.arange(len(gallery_rows))
     exclude = position_in_gallery[query_rows]           # leave-one-out where a query is in the gallery
-    labels = items["label"].to_numpy()
     arrays = {"unit": unit, "raw": raw}
 
     timings = {}
     started = time.perf_counter()
     projection_rows, projections, plot_notes = start_projections(unit, labels, query_rows, settings)
-    results = {}
-    for variant, (which, metric) in VARIANTS.items():
+    originals = items["role"].map(is_original).to_numpy(bool)
+    group_projection = start_group_projection(unit, items, originals, query_rows, settings) if grouped else None
+
+    def rank(variant: str):
+        which, metric = VARIANTS[variant]
         x = arrays[which]
         log.info("phase 2: %s %s: %d queries × %d gallery", tag, variant, len(query_rows), len(gallery_rows))
-        results[variant] = retrieve(x[query_rows], labels[query_rows], x[gallery_rows], labels[gallery_rows],
-                                    metric=metric, k=settings.k, exclude=exclude,
-                                    chunk_size=settings.chunk_size, progress=True)
+        return retrieve(x[query_rows], labels[query_rows], x[gallery_rows], labels[gallery_rows], metric=metric,
+                        k=settings.k, exclude=exclude, chunk_size=settings.chunk_size, progress=True)
+
+    # One pass per distinct ranking: on unit vectors euclidean distance ranks like cosine, so
+    # unit/euclidean is read off unit/cosine once a real euclidean ranking of sampled queries agrees.
+    results = {"unit/cosine": rank("unit/cosine")}
+    identity = check_unit_identity(unit[query_rows], labels[query_rows], unit[gallery_rows], labels[gallery_rows],
+                                   results["unit/cosine"], k=settings.k, exclude=exclude,
+                                   sample_size=IDENTITY_SAMPLE, seed=settings.seed, chunk_size=settings.chunk_size)
+    unit_identity = identity.as_dict()
+    if identity.holds:
+        results["unit/euclidean"] = euclidean_from_cosine(results["unit/cosine"])
+        unit_identity["unit_euclidean"] = "read off unit/cosine"
+    else:
+        log.warning("phase 2: %s: the unit vectors do not rank alike by cosine and euclidean distance (%d of %d "
+                    "sampled queries disagree beyond float rounding): unit/euclidean gets its own pass", tag,
+                    identity.n_sampled - identity.n_consistent, identity.n_sampled)
+        results["unit/euclidean"] = rank("unit/euclidean")
+        unit_identity["unit_euclidean"] = "computed"
+    results["raw/euclidean"] = rank("raw/euclidean")
     timings["retrieval"] = time.perf_counter() - started
-    same = np.all(results["unit/cosine"].neighbours == results["unit/euclidean"].neighbours, axis=1)
-    topk_agreement = float(same.mean())
+    topk_agreement = identity.n_identical / identity.n_sampled if identity.n_sampled else 1.0
     note = scoring_note(labels[query_rows], labels[gallery_rows], results["unit/cosine"].per_query["n_relevant"],
                         bool((exclude >= 0).any()), settings.query_split)
 
@@ -172,13 +210,16 @@ def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force
         "protocol": {
             "query_split": settings.query_split, "gallery_splits": list(settings.gallery_splits),
             "leave_one_out": bool((exclude >= 0).any()), "n_queries": int(len(query_rows)),
-            "gallery_size": int(len(gallery_rows)), "k": settings.k,
+            "gallery_size": int(len(gallery_rows)), "k": settings.k, "query_sample": query_sample,
         },
         "retrieval": {variant: r.metrics for variant, r in results.items()},
         # Why there is nothing to score, or why the scores are trivial (None when they mean something).
         "scoring_note": note,
-        "rankings_identical_unit": topk_agreement >= 0.999,
+        # From the sampled identity check (unit_identity): the rankings agree up to float rounding,
+        # and the share of sampled top-k lists identical index for index.
+        "rankings_identical_unit": identity.holds,
         "topk_agreement_unit": topk_agreement,
+        "unit_identity": unit_identity,
         "clustering": clustering,
         "diagnostics": diagnostics,
         "per_class": per_class,
@@ -189,6 +230,12 @@ def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force
         "fingerprint": fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if grouped:
+        started = time.perf_counter()
+        metrics["groups"] = score_groups(run_dir, out, emb_meta, items, unit, originals, query_rows, gallery_rows,
+                                            exclude, results["unit/cosine"].neighbours, group_projection, settings,
+                                            tag, dataset_meta)
+        timings["groups"] = time.perf_counter() - started
     texts = load_text_embeddings(emb_dir, items, emb_meta)
     if texts is not None:
         started = time.perf_counter()
@@ -207,6 +254,80 @@ def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force
         log.info("phase 2: %s cosine P@1 %.3f  MAP@R %.3f  mAP %.3f (%d queries)", tag, row["P@1"], row["MAP@R"],
                  row["mAP"], row["n_queries_evaluated"])
     return out
+
+
+def sample_queries(query_rows: np.ndarray, labels: np.ndarray,
+                   settings: EvaluateConfig) -> tuple[np.ndarray, dict | None]:
+    """The queries to score and metrics.json's "query_sample": all of them (None) unless
+    `max_queries` is set and smaller, then a class-stratified sample seeded by `seed`."""
+    from pipeline.vectors.projections import stratified_sample
+
+    limit = settings.max_queries
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise PhaseInputError(f"evaluate.max_queries must be a non-negative integer (0 = all), got {limit!r}")
+    if limit == 0 or limit >= len(query_rows):
+        return query_rows, None
+    chosen = query_rows[stratified_sample(labels[query_rows], limit, seed=settings.seed)]
+    log.info("phase 2: %d of %d queries, stratified by class (seed %d)", len(chosen), len(query_rows), settings.seed)
+    return chosen, {"max_queries": limit, "n_available": int(len(query_rows)), "n_sampled": int(len(chosen)),
+                    "method": "stratified by class", "seed": settings.seed,
+                    "n_classes": int(len(np.unique(labels[query_rows])))}
+
+
+def score_groups(run_dir: RunDir, out: Path, emb_meta: dict, items, unit: np.ndarray, originals: np.ndarray,
+                    query_rows: np.ndarray, gallery_rows: np.ndarray, exclude: np.ndarray, neighbours: np.ndarray,
+                    projection, settings: EvaluateConfig, tag: str, dataset_meta: dict | None) -> dict:
+    """metrics.json's "groups" (pipeline/vectors/groups.py) and its pictures; {"note": why} when nothing can be
+    scored. A trained set (phase 4) is compared with its phase-1 base: every query's top k before and after."""
+    from pipeline.reporting.group_plots import draw_group_plots
+    from pipeline.vectors import groups
+
+    if not originals.any():
+        return {"note": "the items have groups but none has the role 'original' (a manifest's `role` column), so "
+                        "no version can be compared with its original"}
+    base_tag, base_neighbours = _base_neighbours(run_dir, emb_meta, items, query_rows, gallery_rows, exclude,
+                                                 settings, dataset_meta)
+    found = groups.evaluate_groups(
+        unit, items["group"].to_numpy(str), originals, items["role"].to_numpy(str), items["label_name"].to_numpy(str),
+        query_rows, gallery_rows, neighbours=neighbours, base_neighbours=base_neighbours, k=settings.k,
+        seed=settings.seed, chunk_size=settings.chunk_size)
+    if found is None:
+        return {"note": f"no original of the {settings.query_split} split has a version there (with a group of "
+                        "exactly one original): nothing to score"}
+    result = found.metrics
+    if base_tag:
+        result["neighbourhood"]["before_after"]["base"] = base_tag
+    splits = sorted({settings.query_split, *settings.gallery_splits})
+    result["plots"], result["grids"], result["notes"] = draw_group_plots(
+        out / "plots", run_dir.dataset_dir, items, found, projection, splits, tag)
+    forward, auc = result["retrieval"]["original_to_versions"], result["closeness"]["auc"]["random"]["cosine"]
+    log.info("phase 2: %s groups: original → versions R@1 %.3f  MAP@R %.3f; version vs random pair AUC %.3f "
+             "± %.3f (%d groups, %d versions)", tag, forward["R@1"], forward["MAP@R"], auc["auc"], auc["se"],
+             result["protocol"]["n_groups"], result["protocol"]["n_versions"])
+    return result
+
+
+def _base_neighbours(run_dir: RunDir, emb_meta: dict, items, query_rows: np.ndarray, gallery_rows: np.ndarray,
+                     exclude: np.ndarray, settings: EvaluateConfig, dataset_meta: dict | None):
+    """(base tag, top-k gallery positions of the queries in the phase-1 space) of a trained set; (None, None) for
+    a phase-1 set, or when the base is missing or holds other items."""
+    from pipeline.vectors.retrieval import retrieve
+
+    base_tag = emb_meta.get("base_tag")
+    if not emb_meta.get("trained") or not base_tag:
+        return None, None
+    try:
+        base_items, base_unit, _, _ = load_embeddings(run_dir.embeddings_dir(base_tag), dataset_meta)
+    except PhaseInputError as exc:
+        log.warning("phase 2: no before/after neighbourhoods: %s", exc)
+        return None, None
+    if base_items["id"].tolist() != items["id"].tolist():
+        log.warning("phase 2: no before/after neighbourhoods: %s holds other items", base_tag)
+        return None, None
+    nobody = np.zeros(len(items), dtype=np.int64)   # the neighbour lists are wanted, not the scores
+    found = retrieve(base_unit[query_rows], nobody[query_rows], base_unit[gallery_rows], nobody[gallery_rows],
+                     k=settings.k, exclude=exclude, chunk_size=settings.chunk_size)
+    return base_tag, found.neighbours
 
 
 def _write_neighbours(out: Path, items, query_rows, gallery_rows, results) -> None:

@@ -3,7 +3,7 @@
 Per backbone, in `runs/<run>/embeddings/<tag>/` (formats in pipeline/core/artifacts.py):
     embeddings.npy     unit (L2-normalised) vectors, row i = items.csv row i
     features_raw.npy   the pooled features before normalisation (phase 2 compares them)
-    items.csv          row, id, split, label, label_name, path, text, group
+    items.csv          row, id, split, label, label_name, path, text, group, role
     embeddings.json    the interchange format: [{id, label, label_name, split, path, vector}, …]
     index.faiss        FAISS index over embeddings.npy
     meta.json          written last: its presence (with a matching fingerprint) marks the work done
@@ -13,6 +13,13 @@ and for backbones with a text tower (CLIP; `extract.text`, on by default):
     class_prompt_embeddings.npy   (n_classes, d) float32, unit rows in label order: `extract.zero_shot_prompt`
                                   per class, for phase 2's zero-shot classification
     meta.json "text"              counts: items with text, distinct texts, texts cut at 77 tokens, texts/s
+and with `extract.tokens` (off by default):
+    tokens.npy         (n_items, T, C) float16, row i = items.csv row i: each item's token sequence (CLIP:
+                       the vision encoder's class + patch tokens, 50 x 768 for ViT-B/32 at 224 px; a CNN: its
+                       last feature map's H x W positions); read back memory-mapped (`load_tokens`).
+                       Each shard's part is parts/<shard>.tokens.npy, written before the shard's .npz that
+                       marks it done, and the parts are streamed into the memory-mapped file at assembly.
+    meta.json "tokens"            {"file", "shape", "dtype"}
 
 Work is checkpointed per TFRecord shard in `parts/`, so an interrupted extraction
 resumes at the first unfinished shard; parts are only assembled when all exist.
@@ -35,8 +42,8 @@ import numpy as np
 from pipeline.config import BackboneConfig, ExtractConfig, RunConfig
 from pipeline.core import atomic
 from pipeline.core.artifacts import (
-    dataset_label, extraction_fingerprint, is_current, load_dataset_meta, remove_text_artifacts,
-    write_embedding_artifacts, write_text_artifacts,
+    dataset_label, extraction_fingerprint, is_current, load_dataset_meta, remove_text_artifacts, remove_tokens,
+    write_embedding_artifacts, write_text_artifacts, write_tokens,
 )
 from pipeline.core.errors import PhaseInputError
 from pipeline.core.run_dir import RunDir, backbone_tag
@@ -94,7 +101,8 @@ def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConf
     # Built before any folder is made, so that a failure here (weights that cannot be
     # downloaded, say) leaves nothing behind.
     with strategy.scope():
-        extractor = build_feature_extractor(**backbone.extractor_options(with_text=text is not None))
+        extractor = build_feature_extractor(**backbone.extractor_options(with_text=text is not None,
+                                                                         with_tokens=settings.tokens))
 
     parts_dir = out / "parts"
     stamp = parts_dir / "fingerprint.txt"
@@ -134,6 +142,9 @@ def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConf
             if not np.isfinite(pooled).all():
                 raise RuntimeError(f"{shard}: the backbone produced non-finite features")
             predicted += len(pooled)
+            if settings.tokens:
+                # Before the .npz: a part that counts as done always has its tokens.
+                atomic.save_npy(_tokens_part(part), np.asarray(outputs["tokens"], dtype=np.float16))
             with atomic.atomic_open(part, "wb") as f:
                 np.savez(f, pooled=pooled, split=np.array([split] * len(pooled)),
                          **{k: np.array(v) for k, v in metadata.items()})
@@ -147,6 +158,12 @@ def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConf
     if extractor.text is not None:
         items["has_text"] = [not missing_text_reason(t) for t in items["text"]]
     write_embedding_artifacts(out, items, raw, l2_normalize(raw), settings)
+    tokens_meta = None
+    if settings.tokens:
+        shape = write_tokens(out, [_tokens_part(parts_dir / f"{shard.stem}.npz") for _, shard in shards])
+        tokens_meta = {"file": "tokens.npy", "shape": list(shape), "dtype": "float16"}
+    else:
+        remove_tokens(out)
     text_meta = None
     if extractor.text is not None:
         text_meta = embed_texts(out, items, extractor.text, list(dataset_meta.get("classes", [])), settings)
@@ -162,13 +179,18 @@ def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConf
         "throughput_img_s": (predicted / predict_seconds) if predicted else None,
         "images_timed": predicted, "dataset": run_dir.dataset_dir.as_posix(),
         "dataset_fingerprint": dataset_meta.get("fingerprint"), "fingerprint": fingerprint,
-        "mixed_precision": settings.mixed_precision, "text": text_meta,
+        "mixed_precision": settings.mixed_precision, "text": text_meta, "tokens": tokens_meta,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
     shutil.rmtree(parts_dir, ignore_errors=True)
     log.info("phase 1: wrote %s (%d items of %s%s)", out, items, dataset,
              f", {predicted / predict_seconds:.1f} img/s" if predicted else "")
     return out
+
+
+def _tokens_part(part: Path) -> Path:
+    """Where a shard's token array sits beside its .npz part."""
+    return part.with_name(f"{part.stem}.tokens.npy")
 
 
 def _remove_if_nothing_done(out: Path, parts_dir: Path) -> None:
@@ -212,12 +234,13 @@ def _assemble(parts_dir: Path, shards: list[Path]):
     """(items, raw pooled features) of every shard's part, in shard order."""
     import pandas as pd
 
-    pooled, columns = [], {k: [] for k in ("split", "id", "label", "label_name", "path", "text", "group")}
+    pooled, columns = [], {k: [] for k in ("split", "id", "label", "label_name", "path", "text", "group", "role")}
     for shard in shards:
         with np.load(parts_dir / f"{shard.stem}.npz") as part:
             pooled.append(part["pooled"])
             for key in columns:
-                columns[key].extend(part[key].tolist())
+                # A part checkpointed before roles were read has none: its items have no role.
+                columns[key].extend(part[key].tolist() if key in part.files else [""] * len(part["pooled"]))
     raw = np.concatenate(pooled).astype(np.float32)
     return pd.DataFrame({"row": np.arange(len(raw)), **columns}), raw
 

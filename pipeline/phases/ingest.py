@@ -34,7 +34,8 @@ from pipeline.data import shards as shard_writer
 from pipeline.data.schema import SCHEMA_VERSION, SPLITS
 from pipeline.data.sources import SourceError, SourceItem, discover, load_builtin, source_kind
 from pipeline.data.splits import SplitItem, SplitResult, assign_splits
-from pipeline.data.validate import Accepted, TextCheck, check_texts, text_summary, validate
+from pipeline.data.validate import (Accepted, TextCheck, check_texts, role_summary, role_warnings, text_summary,
+                                    validate)
 
 log = logging.getLogger("embedlab.ingest")
 
@@ -115,7 +116,7 @@ def run_ingest(config: RunConfig, force: bool = False) -> Path:
     shard_writer.write_rejects(out / REJECTS_CSV, rejects)
 
     summary = _summary(data, kind, fingerprint, classes, accepted, rejects, result, shards, texts)
-    summary["warnings"] = evaluation_warnings(summary["counts"], config.evaluate)
+    summary["warnings"] = evaluation_warnings(summary["counts"], config.evaluate) + role_warnings(summary["roles"])
     write_json(out / DATASET_JSON, summary)
     shard_writer.remove_stale_shards(out, shards)
     write_dataset_ref(run_dir, out, summary)
@@ -168,6 +169,7 @@ def _summary(data: DataConfig, kind: str, fingerprint: str, classes: list[str], 
         "single_image_classes": result.single_image_classes,
         "classes_without_test_items": result.classes_without_test_items,
         "texts": text_summary([a.item for a in accepted], texts, data),
+        "roles": role_summary([a.item for a in accepted]),
         "shards": shards,
         "fingerprint": fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -183,7 +185,7 @@ TEXT_SETTINGS = ("max_text_chars", "text_prompt", "text_prompt_mode")
 
 def compute_fingerprint(data: DataConfig, listed: Sequence[SourceItem] | None) -> str:
     """Hash of every data setting but `workers`, plus the source listing (ids, paths,
-    labels, sizes, mtimes; a built-in by its name alone).
+    labels, texts, groups, roles, sizes, mtimes; a built-in by its name alone).
 
     A full sha256 rather than `fingerprint_of`: the embeddings of every existing run
     record this value, and changing its recipe would redo all of them. For that reason the
@@ -203,6 +205,8 @@ def compute_fingerprint(data: DataConfig, listed: Sequence[SourceItem] | None) -
         for item in listed:
             fields = (item.id, item.path, item.label_name, item.text, item.group,
                       item.reject, item.size, item.mtime_ns)
+            if item.role:   # only where there is one, so sources without roles keep their fingerprints
+                fields += (item.role,)
             h.update(json.dumps(fields).encode() + b"\n")
     return h.hexdigest()
 
@@ -278,6 +282,10 @@ def _log_summary(out: Path, summary: dict, rejects: list[tuple[str, str]]) -> No
     if summary["classes_without_test_items"]:
         log.warning("phase 0: classes without test items: %s", summary["classes_without_test_items"])
     _log_texts(summary["texts"], summary["n_images"])
+    roles = summary["roles"]
+    if roles["with_role"]:
+        log.info("phase 0: %d items with a role in %d groups (%s)", roles["with_role"], roles["n_groups"],
+                 ", ".join(f"{role}: {n}" for role, n in roles["roles"].items()))
     for warning in summary.get("warnings", []):
         log.warning("phase 0: %s", warning)
 

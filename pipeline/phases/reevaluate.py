@@ -1,7 +1,9 @@
 """Phase 4: embeddings from every trained model, evaluated exactly as in phase 2.
 
 For a head trained on cached features (phase 3, `mode: head`), the trained model's
-embeddings are the head applied to the backbone's phase-1 pooled features. They are
+embeddings are the head applied to what it was trained on (training.json's "head_input"):
+the backbone's phase-1 pooled features or its cached tokens (tokens.npy, memory-mapped, a
+chunk of rows at a time), plus the items' text embeddings for a head that fuses them. They are
 written as a new embedding directory `runs/<run>/embeddings/<tag>+<loss>/` with the
 same files as phase 1 — "raw" now meaning the head's output before L2 normalisation —
 so that phase 2's `evaluate_backbone` runs on them unchanged.
@@ -21,7 +23,7 @@ import numpy as np
 from pipeline.config import RunConfig
 from pipeline.core import atomic
 from pipeline.core.artifacts import (  # noqa: F401  (trained_tag, trained_embeddings_fingerprint: older imports)
-    load_dataset_meta, load_embeddings, recorded_fingerprint, trained_embeddings_fingerprint,
+    load_dataset_meta, load_embeddings, load_tokens, recorded_fingerprint, trained_embeddings_fingerprint,
     trained_embeddings_match, trained_tag,
     write_embedding_artifacts, remove_text_artifacts, TEXT_EMBEDDINGS_NPY, CLASS_PROMPTS_NPY,
 )
@@ -32,11 +34,29 @@ from pipeline.phases.evaluate import evaluate_backbone
 log = logging.getLogger("embedlab.reevaluate")
 
 
-def head_embeddings(head, raw: np.ndarray, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """(pre-normalisation features, unit embeddings) of a trained head on pooled features."""
-    both = with_pre_normalisation(head)
-    pre, unit = both.predict(raw.astype(np.float32), batch_size=batch_size, verbose=0)
+def head_embeddings(head, inputs) -> tuple[np.ndarray, np.ndarray]:
+    """(pre-normalisation features, unit embeddings) of a trained head on pooled features (an array), or on
+    a list of its input arrays (pipeline/training/head.py `head_inputs`; memory-mapped tokens are read a
+    chunk of rows at a time)."""
+    from pipeline.training.head import predict_rows
+
+    arrays = inputs if isinstance(inputs, list) else [np.asarray(inputs, dtype=np.float32)]
+    pre, unit = predict_rows(with_pre_normalisation(head), arrays, np.arange(len(arrays[0])))
     return np.asarray(pre, dtype=np.float32), np.asarray(unit, dtype=np.float32)
+
+
+def trained_head_inputs(base_dir: Path, items, raw: np.ndarray, base_meta: dict, training: dict) -> list:
+    """The arrays a head-mode model reads for every item, as it was trained (training.json "head_input"; heads
+    trained before it existed read the pooled features)."""
+    from pipeline.training.head import head_inputs
+
+    kind = training.get("head_input") or {"image": "pooled", "text": False}
+    phase1 = {"items": items, "features": raw, "meta": base_meta, "dir": base_dir,
+              "tokens": load_tokens(base_dir, len(items), base_meta) if kind.get("image") == "tokens" else None}
+    if kind.get("image") == "tokens" and phase1["tokens"] is None:
+        raise PhaseInputError(f"the head in {training.get('backbone')} was trained on cached tokens, but "
+                              f"{base_dir} holds none: run phase1 with extract.tokens=true")
+    return head_inputs(phase1, kind)
 
 
 def with_pre_normalisation(model):
@@ -104,6 +124,7 @@ def run_reevaluate(config: RunConfig, force: bool = False) -> list[str]:
     import keras
 
     import models.classifier  # noqa: F401  (registers custom objects for load_model)
+    import models.heads  # noqa: F401
     import models.layers  # noqa: F401
 
     finetuned = config.train.mode == "finetune"
@@ -132,7 +153,8 @@ def run_reevaluate(config: RunConfig, force: bool = False) -> list[str]:
                     pre, unit = finetuned_embeddings(run_dir, model, items, config.extract.batch_size)
                 else:
                     head = keras.saving.load_model(source / "head.keras", compile=False)
-                    pre, unit = head_embeddings(head, raw)
+                    pre, unit = head_embeddings(head, trained_head_inputs(run_dir.embeddings_dir(tag), items, raw,
+                                                                          base_meta, training))
                 meta_path.unlink(missing_ok=True)
                 write_embedding_artifacts(out, items, pre, unit, config.extract)
                 text_meta = carry_text_side(run_dir.embeddings_dir(tag), out, base_meta, training, unit.shape[1])

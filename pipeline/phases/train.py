@@ -79,7 +79,12 @@ def _export_head_model(run_dir: RunDir, backbone, tag: str, loss_name: str, phas
     if reason:
         log.warning("phase 3: no image-level export for %s/%s: %s", tag, loss_name, reason)
         return
-    images, features = probe_batch(run_dir, phase1["items"], phase1["features"], phase1["meta"]["image_size"])
+    # The head's image-side input as it was trained: the cached tokens, or the pooled features.
+    from pipeline.core import atomic
+
+    kind = atomic.read_json(run_dir.train_dir(tag, loss_name) / "training.json").get("head_input") or {}
+    source = phase1["tokens"] if kind.get("image") == "tokens" else phase1["features"]
+    images, features = probe_batch(run_dir, phase1["items"], source, phase1["meta"]["image_size"])
     # The backbone is rebuilt in float32 (the head keeps the policy it was trained
     # with); model_export allows for float16 rounding when phase 1 ran in mixed precision.
     with dtype_policy("float32"):

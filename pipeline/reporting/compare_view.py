@@ -20,6 +20,12 @@ PRETRAINED = "pretrained"
 METRICS = SCORE_NAMES
 DIAGNOSTICS = ("mean_pairwise_cosine", "effective_rank", "intra_inter_distance_ratio", "hubness_skew")
 TEMPLATE = "compare.html.j2"
+# Originals and their versions (metrics.json's "groups", cosine on unit vectors): column -> where it is read.
+GROUP_METRICS = {
+    "group R@1": ("groups", "retrieval", "original_to_versions", "R@1"),
+    "group MAP@R": ("groups", "retrieval", "original_to_versions", "MAP@R"),
+    "group AUC": ("groups", "closeness", "auc", "random", "cosine", "auc"),
+}
 
 
 def score(model: dict, variant: str = "unit/cosine", metric: str = "MAP@R") -> float | None:
@@ -27,7 +33,15 @@ def score(model: dict, variant: str = "unit/cosine", metric: str = "MAP@R") -> f
     return to_float(get(model, "metrics", "retrieval", variant, metric))
 
 
+def has_groups(models: list[dict]) -> bool:
+    """Whether any model was scored on originals and their versions (the table then has the group columns)."""
+    return any(get(m, "metrics", "groups", "retrieval") is not None for m in models)
+
+
 def table_rows(models: list[dict]) -> list[dict]:
+    """One row per model and variant; with groups, the group metrics on the unit/cosine rows (where they were
+    measured) and None on the others."""
+    grouped = has_groups(models)
     rows = []
     for model in models:
         m = model["metrics"]
@@ -40,6 +54,39 @@ def table_rows(models: list[dict]) -> list[dict]:
                 **{name: diag.get(name) for name in DIAGNOSTICS},
                 "NMI": m.get("clustering", {}).get(which, {}).get("NMI"),
             })
+            if grouped:
+                rows[-1].update({name: get(m, *path) if variant == "unit/cosine" else None
+                                 for name, path in GROUP_METRICS.items()})
+    return rows
+
+
+def _auc_text(auc) -> str:
+    value, low, high = to_float(get(auc, "auc")), *((list(get(auc, "ci95") or []) + [None, None])[:2])
+    if value is None:
+        return fmt(None)
+    if to_float(low) is None or to_float(high) is None:
+        return fmt(value)
+    return f"{fmt(value)} ({fmt(to_float(low))}–{fmt(to_float(high))})"
+
+
+def group_rows(models: list[dict]) -> list[dict]:
+    """Every model's originals-and-versions numbers (phase 4's trained models have no other page showing them):
+    both retrieval directions, the AUCs with their intervals, and how many neighbours training kept."""
+    rows = []
+    for model in models:
+        groups = get(model, "metrics", "groups")
+        if not isinstance(groups, dict) or "retrieval" not in groups:
+            continue
+        forward, reverse = (groups["retrieval"].get(d) or {} for d in ("original_to_versions", "version_to_original"))
+        kept = get(groups, "neighbourhood", "before_after", "mean")
+        rows.append({"backbone": model["backbone"], "loss": model["loss"],
+                     "groups": fmt(get(groups, "protocol", "n_groups")),
+                     "cells": [fmt(to_float(v)) for v in (forward.get("R@1"), forward.get("MAP@R"), reverse.get("R@1"),
+                                                          get(groups, "closeness", "measures", "cosine", "versions",
+                                                              "mean"))],
+                     "auc": [_auc_text(get(groups, "closeness", "auc", kind, "cosine"))
+                             for kind in ("random", "same_class")],
+                     "kept": fmt(to_float(kept))})
     return rows
 
 
@@ -214,18 +261,19 @@ def _cell(value: Any, best: bool = False) -> dict:
 def comparison_view(run: str, created: str, command: str, models: list[dict], rows: list[dict],
                     qa: list[dict], training: list[dict], pictures: list[dict], bars: str) -> dict:
     """Everything compare.html.j2 shows, formatted, with the best cell of each metric column flagged."""
-    flags = {name: best_flags([r[name] for r in rows]) for name in METRICS}
+    group_columns = [name for name in GROUP_METRICS if rows and name in rows[0]]
+    flags = {name: best_flags([r[name] for r in rows]) for name in [*METRICS, *group_columns]}
     table = []
     for i, r in enumerate(rows):
         table.append({
             "backbone": r["backbone"], "loss": r["loss"], "variant": r["variant"],
             "cells": [_cell(r[name], flags[name][i]) for name in METRICS] + [_cell(r["NMI"])]
-            + [_cell(r[name]) for name in DIAGNOSTICS],
+            + [_cell(r[name]) for name in DIAGNOSTICS] + [_cell(r[name], flags[name][i]) for name in group_columns],
         })
     protocol = models[0]["metrics"]["protocol"]
     return {"run": run, "created": created, "command": command, "answers": qa, "k": protocol["k"],
             "metrics": METRICS, "rows": table, "training": training, "bars": bars, "pictures": pictures,
-            "protocol": protocol}
+            "protocol": protocol, "group_columns": group_columns, "group_rows": group_rows(models)}
 
 
 def render_comparison(report_dir: Path, view: dict) -> Path:

@@ -117,6 +117,22 @@ def _texts_facts(texts: Any) -> list[tuple[str, str]]:
     return facts
 
 
+def _roles_facts(roles: Any) -> list[tuple[str, str]]:
+    """Phase 0's role counts (originals and their versions), for datasets whose items have roles."""
+    if not isinstance(roles, Mapping) or not roles.get("with_role"):
+        return []
+    counts = roles.get("roles") if isinstance(roles.get("roles"), Mapping) else {}
+    facts = [("roles", ", ".join(f"{role} {fmt_count(n)}" for role, n in counts.items())),
+             ("groups with one original", f"{fmt_count(roles.get('n_groups_with_one_original'))} of "
+                                          f"{fmt_count(roles.get('n_groups'))}")]
+    for key, what in (("n_groups_without_original", "groups without an original"),
+                      ("n_groups_with_several_originals", "groups with several originals"),
+                      ("n_roles_without_group", "roles without a group")):
+        if roles.get(key):
+            facts.append((what, fmt_count(roles[key])))
+    return facts
+
+
 def dataset_view(dataset: Any) -> dict | None:
     if not isinstance(dataset, Mapping) or not dataset:
         return None
@@ -161,7 +177,7 @@ def dataset_view(dataset: Any) -> dict | None:
         ("images kept", fmt_count(dataset.get("n_images"))),
         ("images rejected", fmt_count(dataset.get("n_rejects"))),
     ]
-    facts += _texts_facts(dataset.get("texts"))
+    facts += _texts_facts(dataset.get("texts")) + _roles_facts(dataset.get("roles"))
     return {
         "facts": facts, "classes": classes, "splits": [str(s) for s in splits], "split_totals": split_totals,
         "class_rows": class_rows, "single": single, "duplicates": duplicate_rows[:MAX_GROUPS_SHOWN],

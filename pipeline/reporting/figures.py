@@ -205,8 +205,11 @@ def report_section(tag: str, eval_dir: Path, metrics: dict, report_dir: Path) ->
     grids = [{"title": g["title"], "path": copy(g["file"])} for g in metrics.get("grids", [])]
     text = metrics.get("text") or {}
     text_grid = copy(text.get("grid")) if isinstance(text, dict) else None
+    groups = metrics.get("groups") if isinstance(metrics.get("groups"), dict) else {}
+    group_images = {"plots": {key: copy(name) for key, name in (groups.get("plots") or {}).items()},
+                    "grids": [{"title": g["title"], "path": copy(g["file"])} for g in groups.get("grids") or []]}
     return {"tag": tag, "metrics": metrics, "plots": plots, "grids": [g for g in grids if g["path"]],
-            "text_grid": text_grid}
+            "text_grid": text_grid, "group_images": group_images}
 
 
 def copy_model_pictures(models: list[dict], report_dir: Path) -> list[dict]:

@@ -65,12 +65,43 @@ def normalising_verdict(deltas: Mapping[str, float], n_scored: Any) -> str:
     return "the raw norms carry useful information here: normalising costs accuracy"
 
 
+def _sampled_identity_text(sampled: Mapping, agreement: float | None) -> tuple[str, str]:
+    """The identity check of a run that ranked only a sample of queries by real euclidean distance."""
+    n = sampled.get("n_sampled")
+    share = f"{agreement:.1%} of them identical index for index" if agreement is not None else "their share unknown"
+    if sampled.get("holds") is True:
+        rest = "" if agreement is not None and agreement >= 1 else (
+            "; the others differ only in the order of neighbours whose scores are equal up to float rounding")
+        return (f"This run checked it on a seeded sample of {n} queries, ranked again by real Euclidean distance: "
+                f"the same top-k lists as unit/cosine ({share}{rest}), with ‖a − b‖² = 2 − 2·cos at every rank. "
+                "So unit/euclidean's neighbours and metrics are read off unit/cosine rather than computed in a "
+                "second pass, and the identical-list share comes from that sample, not from every query."), "ok"
+    return (f"This run did not confirm it: on a seeded sample of {n} queries ranked again by real Euclidean "
+            f"distance, the top-k lists or distances differed from unit/cosine beyond float rounding ({share}; "
+            f"largest error in ‖a − b‖² {to_float(sampled.get('max_sq_distance_error')) or 0:.2g}), which means "
+            "the vectors were not unit length. unit/euclidean was therefore computed in its own full pass."), "warn"
+
+
+def query_sample_text(metrics: Mapping) -> str | None:
+    """A sentence on how the queries were drawn when only a sample of the query split was scored."""
+    protocol = metrics.get("protocol") if isinstance(metrics.get("protocol"), Mapping) else {}
+    drawn = protocol.get("query_sample")
+    if not isinstance(drawn, Mapping):
+        return None
+    return (f"Queries: {drawn.get('n_sampled')} of the {drawn.get('n_available')} items of the query split "
+            f"(evaluate.max_queries = {drawn.get('max_queries')}), drawn {drawn.get('method')} with seed "
+            f"{drawn.get('seed')}; the gallery is complete. Every metric is a mean over these queries.")
+
+
 def equivalence_text(metrics: Mapping) -> dict:
     identical = metrics.get("rankings_identical_unit")
     agreement = to_float(metrics.get("topk_agreement_unit"))
     rule = ("On L2-normalised vectors cosine similarity and Euclidean distance rank neighbours identically, "
             "because ‖a − b‖² = 2 − 2·cos(a, b) when ‖a‖ = ‖b‖ = 1.")
-    if identical is True:
+    sampled = metrics.get("unit_identity") if isinstance(metrics.get("unit_identity"), Mapping) else None
+    if sampled is not None:
+        check, status = _sampled_identity_text(sampled, agreement)
+    elif identical is True:
         check = "This run confirmed it: unit/cosine and unit/euclidean returned the same top-k lists"
         check += f" ({agreement:.1%} of queries identical)." if agreement is not None else "."
         status = "ok"
@@ -102,7 +133,7 @@ def equivalence_text(metrics: Mapping) -> dict:
             counts = [c for c in counts if c is not None]
             verdict = normalising_verdict(deltas, min(counts) if counts else None)
             raw_text = f"{lead}, since their norms vary: " + "; ".join(parts) + f" — {verdict}."
-    return {"rule": rule, "check": check, "status": status, "raw": raw_text}
+    return {"rule": rule, "check": check, "status": status, "raw": raw_text, "sample": query_sample_text(metrics)}
 
 
 def without_positive(retrieval: Mapping) -> str:
@@ -271,3 +302,43 @@ def versus_chance(what: str, value: Any, chance: float, n: Any, chance_reason: s
     else:
         return f"{head}: not distinguishable from chance (within two standard errors, {2 * error:.3f})."
     return f"{head}: {verdict} by more than two standard errors ({2 * error:.3f})."
+
+
+# --------------------------------------------------------------------------- phase 2: originals and versions
+
+def auc_reading(baseline: str, auc: Mapping, n_groups: Any, subject: str = "versions") -> str:
+    """Whether `subject` (versions) are closer to their originals than `baseline` pairs are to each other: only when
+    the bootstrap interval of the AUC lies entirely above 0.5 (below: further); too few groups conclude nothing."""
+    value, n = to_float(auc.get("auc")), to_float(n_groups)
+    if value is None or not n:
+        return ""
+    low, high = (to_float(v) for v in (list(auc.get("ci95") or []) + [None, None])[:2])
+    interval = f", 95 % bootstrap interval {fmt(low)}–{fmt(high)}" if low is not None and high is not None else ""
+    head = f"{subject[:1].upper() + subject[1:]} vs {baseline}: AUC {fmt(value)} ({int(n):,} groups{interval})"
+    if too_few(n):
+        return f"{head}: too few groups to conclude (at least {MIN_QUERIES_TO_CONCLUDE} are needed)."
+    if low is None or high is None:
+        return f"{head}: no interval could be estimated, so no conclusion is drawn."
+    if low > 0.5:
+        return f"{head}: {subject} are closer to their originals than {baseline} are to each other."
+    if high < 0.5:
+        return f"{head}: {subject} are further from their originals than {baseline} are from each other."
+    return f"{head}: the similarity does not tell {subject} from {baseline} (the interval contains 0.5)."
+
+
+def difference_reading(what: str, a: str, b: str, first: Mapping, second: Mapping) -> str:
+    """Whether the mean of sample `first` (named a) differs from `second` (named b) by more than two standard
+    errors of the difference; each mapping holds "n", "mean", "std"."""
+    n1, n2 = to_float(first.get("n")), to_float(second.get("n"))
+    m1, m2 = to_float(first.get("mean")), to_float(second.get("mean"))
+    s1, s2 = to_float(first.get("std")), to_float(second.get("std"))
+    if None in (n1, n2, m1, m2, s1, s2) or min(n1, n2) < 2:
+        return ""
+    head = f"Mean {what}: {a} {fmt(m1)} (n = {int(n1):,}) vs {b} {fmt(m2)} (n = {int(n2):,})"
+    if too_few(min(n1, n2)):
+        return f"{head}: too few to conclude (at least {MIN_QUERIES_TO_CONCLUDE} of each are needed)."
+    error = float(np.sqrt(s1 ** 2 / (n1 - 1) + s2 ** 2 / (n2 - 1)))
+    if abs(m1 - m2) > 2 * error:
+        closer, further = (a, b) if m1 > m2 else (b, a)
+        return f"{head}: {closer} higher than {further} by more than two standard errors ({2 * error:.3f})."
+    return f"{head}: no difference beyond two standard errors ({2 * error:.3f})."

@@ -19,6 +19,7 @@ from pipeline.reporting.dataset_view import dataset_view
 from pipeline.reporting.formatting import (DASH, best_flags, fmt, fmt_count, fmt_magnitude, fmt_seconds, get,
                                            is_number, render_html, to_float)
 from pipeline.reporting.readings import diagnostics_reading, equivalence_text, small_sample_note, without_positive
+from pipeline.reporting.group_view import group_view
 from pipeline.reporting.text_view import text_view
 from pipeline.vectors.retrieval import SCORE_NAMES
 
@@ -330,8 +331,21 @@ def _backbone_view(entry: Mapping, out_dir: Path, used: set[str]) -> dict:
         "grids": grids,
         "per_class": None if nothing_scored else _per_class(metrics.get("per_class")),
         "text": text_view(metrics, _image_src(entry.get("text_grid"), out_dir)),
+        "groups": group_view(metrics, _group_images(entry.get("group_images"), out_dir)),
         "timings": " · ".join(f"{name} {fmt_seconds(value)}" for name, value in timings.items()),
     }
+
+
+def _group_images(images: Any, out_dir: Path) -> dict:
+    """The groups section's copied pictures as page images: {"plots": {key: image}, "grids": [image]}."""
+    images = images if isinstance(images, Mapping) else {}
+    plots = {str(key): _image_src(path, out_dir) for key, path in (images.get("plots") or {}).items()}
+    grids = []
+    for grid in images.get("grids") or []:
+        image = _image_src(grid.get("path"), out_dir) if isinstance(grid, Mapping) else None
+        if image:
+            grids.append({**image, "title": str(grid.get("title") or "")})
+    return {"plots": {key: image for key, image in plots.items() if image}, "grids": grids}
 
 
 def _sentence(text: Any) -> str:

@@ -1,7 +1,9 @@
 """The deployable embedding model: raw RGB image in → unit embedding out.
 
 A head trained on cached features (phase 3, head mode) is glued back onto the
-backbone that produced those features, with the backbone's preprocessing inside, and
+backbone that produced those features (its pooled output, or its "tokens" output for a
+transformer head trained on cached tokens; the image side alone of a head that fuses texts,
+as an image arrives without one), with the backbone's preprocessing inside, and
 saved twice in `runs/<run>/train/<backbone>/<loss>/`:
     embedding_model.keras   the Keras model (custom layers are registered by `models`)
     saved_model/            a TensorFlow SavedModel with a `serve` endpoint
@@ -41,21 +43,31 @@ def not_exportable(phase1_meta: dict) -> str | None:
 
 
 def build_embedding_model(backbone: BackboneConfig, head):
+    """(backbone + head: images in, unit embeddings out; the extractor's image size). A head whose input is a
+    token sequence (batch, T, C) reads the extractor's "tokens", any other its "pooled" features."""
     import keras
 
     from models.backbones import build_feature_extractor
+    from models.heads import image_head_of
 
-    extractor = build_feature_extractor(**backbone.extractor_options(weights_fallback="error"))
-    pooled = extractor.model.output["pooled"]
-    embedding = head(pooled)
+    image_head = image_head_of(head)
+    tokens = len(image_head.inputs[0].shape) == 3
+    extractor = build_feature_extractor(**backbone.extractor_options(weights_fallback="error", with_tokens=tokens))
+    embedding = image_head(extractor.model.output["tokens" if tokens else "pooled"])
     return keras.Model(extractor.model.input, embedding, name="embedding_model"), extractor.image_size
 
 
 def export_embedding_model(run_dir: RunDir, backbone: BackboneConfig, loss: str, phase1_meta: dict,
                            probe_images: np.ndarray | None = None,
                            probe_features: np.ndarray | None = None) -> Path | None:
-    """Compose, check and save; None (with a warning) when the backbone cannot be rebuilt identically."""
+    """Compose, check and save; None (with a warning) when the backbone cannot be rebuilt identically.
+
+    `probe_features`: the head's image-side input for `probe_images` as phase 3 read it (pooled features,
+    or cached tokens)."""
     import keras
+
+    import models.heads  # noqa: F401  (registers the heads' layers for load_model)
+    from models.heads import image_head_of
 
     tag = backbone_tag(backbone)
     out = run_dir.train_dir(tag, loss)
@@ -68,7 +80,7 @@ def export_embedding_model(run_dir: RunDir, backbone: BackboneConfig, loss: str,
 
     max_error = None
     if probe_images is not None and probe_features is not None and len(probe_images):
-        expected = head.predict(probe_features, verbose=0)
+        expected = image_head_of(head).predict(np.asarray(probe_features, np.float32), verbose=0)
         got = model.predict(probe_images, verbose=0)
         max_error = float(np.max(np.abs(expected - got)))
         # Features extracted under mixed_float16 carry float16 rounding; the export runs in float32.

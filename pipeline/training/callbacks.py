@@ -32,14 +32,16 @@ RESULTS_FILE = "retrieval_results_epoch_{epoch:02d}.json"
 
 
 class RetrievalValidation(keras.callbacks.Callback):
-    """Adds val_P@1 and val_MAP@R (cosine, leave-one-out) of the head's embeddings to each epoch's logs.
+    """Adds val_P@1 and val_MAP@R (cosine, leave-one-out) of the head's embeddings to each epoch's logs,
+    and val_triplet_accuracy when given validation `triplets` (protocol.validation_triplets: rows of
+    anchor, positive, negative positions among the validation items).
 
     Must come first in the callback list: Keras hands one logs dict to the callbacks
     in order, so EarlyStopping, checkpoints and loggers placed after it see the keys.
     """
 
     def __init__(self, head, features: np.ndarray | None, labels: np.ndarray, batch_size: int = 1024,
-                 embed: Callable[[], np.ndarray] | None = None, k: int = 1):
+                 embed: Callable[[], np.ndarray] | None = None, k: int = 1, triplets: np.ndarray | None = None):
         super().__init__()
         self.head = head
         self.features = None if features is None else np.asarray(features, dtype=np.float32)
@@ -51,6 +53,8 @@ class RetrievalValidation(keras.callbacks.Callback):
         # Finetune mode has no cached features: `embed` runs the model over the validation images.
         self.embed = embed or (lambda: self.head.predict(self.features, batch_size=self.batch_size, verbose=0))
         self.initial: dict | None = None   # scores of the head before any training step
+        self.triplets = triplets
+        self.metric_names = VAL_METRICS + (("triplet_accuracy",) if triplets is not None else ())
         self.seconds = 0.0
 
     def evaluate(self) -> dict:
@@ -61,13 +65,18 @@ class RetrievalValidation(keras.callbacks.Callback):
         try:
             embeddings = np.asarray(self.embed())
             if not np.isfinite(embeddings).all():
-                return {name: float("nan") for name in VAL_METRICS}
+                return {name: float("nan") for name in self.metric_names}
             # Same object as query and gallery: retrieve normalises it once, and
             # exclude drops each item from its own ranking.
             result = retrieve(embeddings, self.labels, embeddings, self.labels, metric="cosine", k=self.k,
                               exclude=np.arange(len(embeddings)))
             self.latest = result
-            return {name: float(result.metrics[name]) for name in VAL_METRICS}
+            scores = {name: float(result.metrics[name]) for name in VAL_METRICS}
+            if self.triplets is not None:
+                from pipeline.training.protocol import triplet_accuracy
+
+                scores["triplet_accuracy"] = triplet_accuracy(embeddings, self.triplets)
+            return scores
         finally:
             self.seconds += time.perf_counter() - started
 
@@ -81,7 +90,7 @@ class RetrievalValidation(keras.callbacks.Callback):
             return
         loss = logs.get("loss")
         if loss is not None and not math.isfinite(loss):
-            scores = {name: float("nan") for name in VAL_METRICS}   # diverged: nothing to score
+            scores = {name: float("nan") for name in self.metric_names}   # diverged: nothing to score
             self.latest = None
         else:
             scores = self.evaluate()

@@ -1,5 +1,10 @@
 """Phase 3, "head" mode: train an embedding head on cached phase-1 features with a metric-learning loss.
 
+The head (`train.head_type`): "projection" (Dense -> BatchNorm -> L2) on the pooled features, or
+"transformer" (TransformerProjection) on the cached token sequences (phase 1 with `extract.tokens`; read
+memory-mapped, a batch of rows at a time, never loaded whole) or, without them, on the pooled features as
+sequences of one. With `train.use_text` the head fuses each item's phase-1 text embedding (models/heads/fusion.py).
+
 Per backbone and loss, in `runs/<run>/train/<tag>/<loss>/`:
     head.keras         the embedding head alone (features -> unit vectors); the
                        classifier that ArcFace trains through is not part of it
@@ -36,31 +41,90 @@ import numpy as np
 from pipeline.config import TrainConfig
 from pipeline.core import atomic
 from pipeline.core.distribute import distribute_global_batches, training_strategy, worker_output_dir
-from pipeline.core.artifacts import fingerprint_of
+from pipeline.core.artifacts import fingerprint_of, load_text_embeddings
+from pipeline.core.errors import PhaseInputError
 from pipeline.core.run_dir import RunDir
 from pipeline.reporting.plots import plot_training_curves
 from pipeline.training.callbacks import MONITOR, VAL_METRICS, RetrievalValidation, training_callbacks
 from pipeline.training.loop import (begin_training, effective_jit, fingerprinted_settings, finish_training,
                                     fit_checked, fit_summary, runtime_summary, training_record, write_history)
 from pipeline.training.objectives import objective_for
-from pipeline.training.protocol import batch_plan, hard_negatives, training_data
+from pipeline.training.protocol import (batch_plan, group_anchors, hard_negatives, training_data,
+                                       validation_triplets)
 
 log = logging.getLogger("embedlab.train")
 
 MODE = "head"
 
 
+def head_input_kind(phase1: dict, settings: TrainConfig) -> dict:
+    """What the head reads: {"image": "tokens" | "pooled", "text": bool} (recorded in training.json, so phase 4
+    feeds the trained head the same)."""
+    tokens = settings.head_type == "transformer" and phase1.get("tokens") is not None
+    if settings.head_type == "transformer" and not tokens:
+        log.warning("phase 3: %s holds no cached tokens (extract.tokens was off): the transformer head reads the "
+                    "pooled features as sequences of one", phase1["dir"])
+    return {"image": "tokens" if tokens else "pooled", "text": bool(settings.use_text)}
+
+
+def head_inputs(phase1: dict, kind: dict) -> list:
+    """The head's input arrays for every phase-1 item, in the head's input order: the image side (tokens,
+    memory-mapped, or the pooled features), then the text embeddings (all-zero rows without text) if fused."""
+    arrays = [phase1["tokens"] if kind.get("image") == "tokens" else phase1["features"]]
+    if kind.get("text"):
+        texts = load_text_embeddings(phase1["dir"], phase1["items"], phase1["meta"])
+        if texts is None or texts["text"] is None:
+            raise PhaseInputError(f"train.use_text needs the items' text embeddings from phase 1, and {phase1['dir']} "
+                                  "has none: a CLIP backbone with extract.text on and items with texts (a manifest "
+                                  "`text` column, or data.text_prompt)")
+        arrays.append(texts["text"])
+    return arrays
+
+
+def gather_rows(arrays: list, rows: np.ndarray):
+    """float32 copies of `rows` of each input array (one array, or a list when the head has several inputs)."""
+    batch = [np.asarray(a[np.asarray(rows)], dtype=np.float32) for a in arrays]
+    return batch if len(batch) > 1 else batch[0]
+
+
+def predict_rows(model, arrays: list, rows: np.ndarray, chunk_bytes: int = 64 << 20) -> list[np.ndarray]:
+    """`model`'s outputs on `rows`, a chunk of rows at a time (memory-mapped tokens are read per chunk);
+    a list with one array per output."""
+    row_bytes = sum(int(np.prod(a.shape[1:])) * 4 for a in arrays)
+    step = max(1, min(4096, chunk_bytes // max(row_bytes, 1)))
+    outputs = None
+    for start in range(0, len(rows), step):
+        # predict, not predict_on_batch: under a mirrored strategy it splits the chunk over the replicas.
+        out = model.predict(gather_rows(arrays, rows[start:start + step]), batch_size=step, verbose=0)
+        out = [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
+        outputs = [[o] for o in out] if outputs is None else [acc + [o] for acc, o in zip(outputs, out)]
+    return [np.concatenate(parts) for parts in outputs]
+
+
+def build_head(arrays: list, settings: TrainConfig, synchronized_bn: bool = False):
+    """The head `settings` ask for, over inputs shaped like `arrays` (see head_inputs)."""
+    from models.heads import build_embedding_head, build_fused_head, build_transformer_head
+
+    shape = tuple(int(d) for d in arrays[0].shape[1:])
+    if settings.head_type == "transformer":
+        head = build_transformer_head(shape, settings.embedding_dim, num_layers=settings.head_layers,
+                                      num_heads=settings.head_heads, pooling=settings.head_pooling,
+                                      dropout=settings.head_dropout, width=settings.head_width)
+    else:
+        head = build_embedding_head(shape[0], settings.embedding_dim, synchronized_bn=synchronized_bn)
+    return build_fused_head(head, int(arrays[1].shape[1]), settings.fusion) if len(arrays) > 1 else head
+
+
 def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings: TrainConfig, strategy=None,
                force: bool = False, extra_callbacks: Sequence = ()) -> Path:
     """Train (or resume, or find up to date) the head of backbone `tag` with loss `loss_name`; returns its folder."""
-    from models.heads import build_embedding_head
-
     from pipeline.training.sampler import balanced_batches
 
     strategy = strategy or training_strategy(settings.devices)
     out = worker_output_dir(run_dir.train_dir(tag, loss_name), strategy)
-    objective = objective_for(loss_name, settings.loss_params.get(loss_name, {}) or {})
+    objective = objective_for(loss_name, settings.loss_params.get(loss_name, {}) or {}, settings.use_text)
     meta = phase1["meta"]
+    kind = head_input_kind(phase1, settings)
     # Other losses and their parameters do not change this model, so they are not part of its fingerprint.
     fingerprint = fingerprint_of({"features": meta.get("fingerprint"), "created": meta.get("created"),
                                   "train": fingerprinted_settings(settings, MODE), **objective.fingerprint()})
@@ -70,6 +134,7 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     resume_epoch = started.epoch
 
     items, features = phase1["items"], phase1["features"]
+    arrays = head_inputs(phase1, kind)
     data = training_data(items, settings, tag)
     train_rows, val_rows = data.train_rows, data.val_rows
     train_labels = objective.training_labels(data.train_keys)
@@ -77,36 +142,51 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     jit_compile = effective_jit(settings, strategy)
     keras.utils.set_random_seed(settings.seed)
     with strategy.scope():
-        head = build_embedding_head(features.shape[1], settings.embedding_dim,
-                                    synchronized_bn=strategy.num_replicas_in_sync > 1)
+        head = build_head(arrays, settings, synchronized_bn=strategy.num_replicas_in_sync > 1)
+        inputs = [keras.Input(shape=a.shape[1:], name=t.name) for a, t in zip(arrays, head.inputs)]
         # The head stays one nested layer of the training model: it is saved alone.
         model = objective.compile(head, keras.optimizers.AdamW(learning_rate=settings.learning_rate,
                                                                weight_decay=settings.weight_decay),
-                                  jit_compile, inputs=keras.Input(shape=(features.shape[1],), name="features"))
+                                  jit_compile, inputs=inputs if len(inputs) > 1 else inputs[0])
 
     batches = batch_plan(settings, data)
     negatives = hard_negatives(features[train_rows], train_labels, settings)
+    anchors = None
+    if settings.anchor_originals:
+        anchors = np.searchsorted(train_rows, group_anchors(items, data.keys, train_rows))
 
     def rows_of_each_batch(first: int, count: int):
-        ds = balanced_batches(features[train_rows], train_labels, settings.n_classes_per_batch,
+        import tensorflow as tf
+
+        ds = balanced_batches(tuple(arrays), train_labels, settings.n_classes_per_batch,
                               settings.n_samples_per_class, settings.seed, skip_batches=resume_epoch * batches.steps,
-                              hard_negatives=negatives, hard_negative_share=settings.hard_negative_share)
+                              hard_negatives=negatives, hard_negative_share=settings.hard_negative_share,
+                              rows=train_rows, anchors=anchors)
         if count == batches.size:
             return ds
-        return ds.map(lambda x, y: (x[first:first + count], y[first:first + count]))
+        return ds.map(lambda x, y: (tf.nest.map_structure(lambda a: a[first:first + count], x),
+                                    y[first:first + count]))
 
     dataset = distribute_global_batches(strategy, rows_of_each_batch, batches.size)
 
-    validator = RetrievalValidation(head, features[val_rows], data.keys[val_rows], k=settings.epoch_results_top_k)
+    triplets = None
+    if settings.triplet_negatives:
+        val_keys = data.keys[val_rows]
+        val_anchors = np.searchsorted(val_rows, group_anchors(items, data.keys, val_rows))
+        triplets = validation_triplets(val_keys, val_anchors, features[val_rows], settings.triplet_negatives,
+                                       settings.seed)
+    validator = RetrievalValidation(head, None, data.keys[val_rows], k=settings.epoch_results_top_k,
+                                    embed=lambda: predict_rows(head, arrays, val_rows)[0], triplets=triplets)
     callbacks = training_callbacks(out, settings, validator, extra_callbacks, started, val_items=items.iloc[val_rows])
-    log.info("phase 3: %s / %s: %d training items (%d classes), %d validation items (%s), "
-             "batches of %d classes x %d, %d steps/epoch", tag, loss_name, len(train_rows), data.n_train_classes,
-             len(val_rows), data.validation["protocol"], batches.n_classes, settings.n_samples_per_class,
-             batches.steps)
+    log.info("phase 3: %s / %s: %s head on %s%s: %d training items (%d classes), %d validation items (%s)%s, "
+             "batches of %d classes x %d, %d steps/epoch", tag, loss_name, settings.head_type, kind["image"],
+             " + texts" if kind["text"] else "", len(train_rows), data.n_train_classes, len(val_rows),
+             data.validation["protocol"], "" if triplets is None else f", {len(triplets)} validation triplets",
+             batches.n_classes, settings.n_samples_per_class, batches.steps)
     fit, history, seconds = fit_checked(
         model, dataset, batches.steps, settings.epochs, callbacks, out, resume_epoch,
         f"{loss_name} on {tag}", f"Lower train.learning_rate or change train.loss_params.{loss_name}")
-    _save_head(head, out / "head.keras", features[val_rows[:8]] if val_rows.size else features[:8])
+    _save_head(head, out / "head.keras", gather_rows(arrays, val_rows[:8] if val_rows.size else np.arange(8)))
     write_history(out / "history.csv", history)
     plot_training_curves(history, out / "curves.png", f"{tag} · {loss_name}", before=validator.initial,
                          metrics=VAL_METRICS, monitor=MONITOR)
@@ -116,11 +196,13 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
         progress=fit_summary(history, fit, batches.steps, seconds, validator, settings.epochs, resume_epoch),
         runtime=runtime_summary(settings, strategy, jit_compile, negatives), feature_dim=features.shape[1],
         fingerprint=fingerprint,
-        mode_fields={"phase1": {"dir": phase1["dir"].as_posix(), "fingerprint": meta.get("fingerprint")}})
+        mode_fields={"phase1": {"dir": phase1["dir"].as_posix(), "fingerprint": meta.get("fingerprint")},
+                     "head_input": {**kind, "shape": [int(d) for d in arrays[0].shape[1:]]},
+                     "n_validation_triplets": None if triplets is None else int(len(triplets))})
     return finish_training(out, summary)
 
 
-def _save_head(head, path: Path, probe: np.ndarray) -> None:
+def _save_head(head, path: Path, probe) -> None:
     with atomic.atomic_path(path) as tmp:
         head.save(tmp)
         # Checked before the rename: a head.keras that does not reload is never published.

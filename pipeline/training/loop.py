@@ -59,6 +59,8 @@ def fingerprinted_settings(settings: TrainConfig, mode: str | None = None) -> di
             continue
         if "used_if" in rule and getattr(settings, rule["used_if"]) <= 0:
             continue
+        if "only_with" in rule and getattr(settings, rule["only_with"][0]) != rule["only_with"][1]:
+            continue
         values[field.name] = rule.get("fixed_at", value)
     return values
 

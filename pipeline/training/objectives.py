@@ -10,6 +10,9 @@ how it trains:
     ClassifierObjective   the loss sees the logits of a cosine classifier over the
                           training classes (ArcFace); the classifier exists for training
                           only and is never part of the saved model
+    TextReferenceObjective  two towers: the loss sees the (fused) item embeddings and, as its
+                          references, the items' projected texts (multimodal_contrastive with
+                          `train.use_text`; models/heads/fusion.py)
 
 Another way of training is one more subclass: e.g. two towers (image and text, each
 embedded and compared across), or a teacher (a frozen model whose embeddings are the
@@ -17,6 +20,8 @@ student's targets), each overriding `training_labels`, `training_model` and the 
 `objective_for` chooses the class from what the loss declares (`requires_classifier`).
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -98,11 +103,53 @@ class ClassifierObjective(EmbeddingObjective):
                 "n_classifier_classes": None if self.classes is None else int(self.classes.size)}
 
 
-def objective_for(loss_name: str, loss_params: dict | None = None) -> EmbeddingObjective:
-    """The objective that trains with the loss `loss_name` (models.losses) and its parameters."""
+class TextReferenceObjective(EmbeddingObjective):
+    """The loss scores the fused head's item embeddings against the items' projected texts (its
+    references; all-zero rows for items without text): a model with both as outputs, whose loss is
+    handed Keras's (labels, {"embeddings", "ref_embeddings"}) whole. The head is saved alone."""
+
+    kind = "text_references"
+
+    def training_model(self, embedding_model, inputs=None):
+        from models.heads import TEXT_UNITS
+
+        outputs = {"embeddings": embedding_model.outputs[0],
+                   "ref_embeddings": embedding_model.get_layer(TEXT_UNITS).output}
+        return _both_towers_class()(embedding_model.inputs, outputs, name=f"{embedding_model.name}_with_texts")
+
+    def metrics(self) -> list:
+        # Keras would map a metric over each output; the validation callback scores triplets instead.
+        return []
+
+    def model_summary(self) -> dict:
+        return {**super().model_summary(), "objective": self.kind}
+
+
+@functools.cache
+def _both_towers_class():
+    import keras
+
+    class BothTowersLoss(keras.Model):
+        """A model with {"embeddings", "ref_embeddings"} outputs whose loss sees both at once (Keras would
+        otherwise map one loss over each output of a dict-output model)."""
+
+        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+            return self.loss(y, y_pred)
+
+    return BothTowersLoss
+
+
+def objective_for(loss_name: str, loss_params: dict | None = None, use_text: bool = False) -> EmbeddingObjective:
+    """The objective that trains with the loss `loss_name` (models.losses) and its parameters; `use_text`:
+    the head fuses texts, and a loss that compares items with texts (`uses_text_references`) gets them."""
     from models.losses import get_loss
 
     params = dict(loss_params or {})
     loss = get_loss(loss_name, **params)
-    kind = ClassifierObjective if getattr(loss, "requires_classifier", False) else EmbeddingObjective
+    if getattr(loss, "requires_classifier", False):
+        kind = ClassifierObjective
+    elif use_text and getattr(loss, "uses_text_references", False):
+        kind = TextReferenceObjective
+    else:
+        kind = EmbeddingObjective
     return kind(loss_name, loss, params)

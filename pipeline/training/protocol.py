@@ -196,3 +196,56 @@ def hard_negatives(embeddings: np.ndarray, keys: np.ndarray, settings: TrainConf
     log.info("phase 3: ranked the baseline's %d hardest negatives of %d training items in %.1f s",
              settings.hard_negatives_per_item, len(keys), time.perf_counter() - started)
     return ranked
+
+
+# --------------------------------------------------------------------------- triplets of originals and versions
+
+def group_anchors(items, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Per key among `rows` with 2+ items, its anchor: the first item whose items.csv `role` is "original",
+    else (no role column, or no original) the key's first item in row order. Sorted row indices."""
+    rows = np.asarray(rows)
+    roles = items["role"].astype(str).to_numpy()[rows] if "role" in items else np.full(len(rows), "")
+    anchors = []
+    for key in np.unique(keys[rows]):
+        members = rows[keys[rows] == key]
+        if members.size < 2:
+            continue
+        originals = members[roles[keys[rows] == key] == "original"]
+        anchors.append(originals[0] if originals.size else members[0])
+    return np.sort(np.asarray(anchors, dtype=np.int64))
+
+
+def validation_triplets(keys: np.ndarray, anchors: np.ndarray, baseline: np.ndarray, negatives: str,
+                        seed: int) -> np.ndarray:
+    """int64 (m, 3) positions (anchor, positive, negative) into the validation items.
+
+    `keys`, `baseline` (the phase-1 embeddings) are the validation items'; `anchors` positions among them.
+    Per anchor, every other member of its key is a positive; its negative is, with "random", a seeded draw
+    among the items of other keys, with "hard" the item of another key that the baseline ranks closest to
+    the anchor (one per anchor; sampler.baseline_hard_negatives).
+    """
+    rng = np.random.default_rng(seed)
+    hardest = None
+    if negatives == "hard":
+        from pipeline.training.sampler import baseline_hard_negatives
+
+        hardest = baseline_hard_negatives(baseline, keys, n_negatives=1)[:, 0]
+    triplets = []
+    for anchor in np.asarray(anchors):
+        others = np.flatnonzero(keys != keys[anchor])
+        positives = np.flatnonzero(keys == keys[anchor])
+        positives = positives[positives != anchor]
+        if not others.size or not positives.size:
+            continue
+        chosen = np.full(positives.size, hardest[anchor]) if hardest is not None else rng.choice(others,
+                                                                                                 positives.size)
+        triplets += [(anchor, p, n) for p, n in zip(positives, chosen)]
+    return np.asarray(triplets, dtype=np.int64).reshape(-1, 3)
+
+
+def triplet_accuracy(embeddings: np.ndarray, triplets: np.ndarray) -> float:
+    """Share of `triplets` (rows of anchor, positive, negative positions) with d(a, p) < d(a, n), euclidean."""
+    e = np.asarray(embeddings, dtype=np.float64)
+    a, p, n = e[triplets[:, 0]], e[triplets[:, 1]], e[triplets[:, 2]]
+    return float(np.mean(np.linalg.norm(a - p, axis=1) < np.linalg.norm(a - n, axis=1))) if len(triplets) else \
+        float("nan")

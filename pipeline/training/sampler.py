@@ -277,9 +277,11 @@ def _batch_layout(labels, n_classes_per_batch: int, n_samples_per_class: int) ->
 
 
 def _generate(labels: np.ndarray, usable: np.ndarray, n_classes: int, k: int, seed: int,
-              hard_negatives: np.ndarray | None = None, n_hard: int = 0) -> Iterator[np.ndarray]:
-    """The batch stream. With n_hard=0 (or no hard_negatives) the draws, and so the stream, are those
-    of the plain sampler."""
+              hard_negatives: np.ndarray | None = None, n_hard: int = 0,
+              anchors: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """The batch stream. With n_hard=0 (or no hard_negatives) and no anchors the draws, and so the stream,
+    are those of the plain sampler. `anchors`: rows that lead their class's K items in every batch (the
+    seed's triplets: an original first, then its versions); a hard negative leads its slot instead."""
     rng = np.random.default_rng(seed)
     order = np.argsort(labels, kind="stable")
     bounds = np.searchsorted(labels[order], usable, side="left"), np.searchsorted(labels[order], usable, side="right")
@@ -290,14 +292,18 @@ def _generate(labels: np.ndarray, usable: np.ndarray, n_classes: int, k: int, se
     class_cycle = _Cycle(np.arange(usable.size), rng)
     if hard_negatives is None:
         n_hard = 0
-    if n_hard:
+    if n_hard or anchors is not None:
         # Index into `usable` of each row's class; -1 for single-item classes.
         class_of_row = np.full(labels.size, -1, dtype=np.int64)
         for c, rows in enumerate(members):
             class_of_row[rows] = c
+    lead_of_class = {} if anchors is None else {int(class_of_row[row]): int(row) for row in np.asarray(anchors)
+                                                if class_of_row[row] >= 0}
 
     def items_of(c: int, hard_negative: int | None = None) -> np.ndarray:
-        """K items of class c; with a hard negative, that item first and K-1 others."""
+        """K items of class c; with a hard negative (else the class's anchor), that item first and K-1 others."""
+        if hard_negative is None:
+            hard_negative = lead_of_class.get(c)
         rows = members[c]
         if rows.size >= k:
             cycle = item_cycles.get(c)
@@ -354,8 +360,16 @@ def balanced_batches(
     skip_batches: int = 0,
     hard_negatives: np.ndarray | None = None,
     hard_negative_share: float = 0.0,
+    *,
+    rows: np.ndarray | None = None,
+    anchors: np.ndarray | None = None,
 ):
-    """An endless `tf.data.Dataset` of (features float32 (P*K, d), labels int32 (P*K,)).
+    """An endless `tf.data.Dataset` of (features float32 (P*K, ...), labels int32 (P*K,)).
+
+    `features`: an (n, ...) array, or a tuple of them (several model inputs: the batch's x is then the
+    tuple), memory-mapped ones included: only each batch's rows are read, per batch. `rows`: for each
+    label, its row in `features` (default: row i is label i), so a cache of every item serves any subset.
+    `anchors`: indices into `labels` of items that lead their class's K items in every batch.
 
     Every iteration of the dataset restarts the same seeded stream. `skip_batches`
     starts the stream that many batches in (a resumed training run sees the batches
@@ -365,10 +379,12 @@ def balanced_batches(
     """
     import tensorflow as tf
 
-    features = np.asarray(features)
+    arrays = features if isinstance(features, tuple) else (features,)
     labels = np.asarray(labels)
-    if features.ndim != 2 or len(features) != len(labels):
-        raise ValueError(f"features must be (n, d) with one label per row; got {features.shape} and {labels.shape}")
+    rows = np.arange(len(labels)) if rows is None else np.asarray(rows, dtype=np.int64)
+    if len(rows) != len(labels) or any(a.ndim < 2 or (rows.size and rows.max() >= len(a)) for a in arrays):
+        raise ValueError(f"features must be (n, d...) arrays holding a row for each of the {len(labels)} labels; "
+                         f"got {[a.shape for a in arrays]}")
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
     if hard_negatives is None and hard_negative_share != 0:
@@ -383,18 +399,19 @@ def balanced_batches(
     batch_size = next(probe).size
     n_classes = batch_size // n_samples_per_class
     n_hard = _hard_slot_count(hard_negative_share, n_classes)
-    features32 = features.astype(np.float32, copy=False)
     labels32 = labels.astype(np.int32)
 
     def generate():
         import itertools
 
         batches = _generate(labels, split_usable_classes(labels)[0], n_classes, n_samples_per_class, seed,
-                            hard_negatives=hard_negatives, n_hard=n_hard)
-        for rows in itertools.islice(batches, skip_batches, None):
+                            hard_negatives=hard_negatives, n_hard=n_hard, anchors=anchors)
+        for batch in itertools.islice(batches, skip_batches, None):
             # Gathering in numpy keeps the arrays out of the TensorFlow graph, whose
-            # constants are limited to 2 GB.
-            yield features32[rows], labels32[rows]
+            # constants are limited to 2 GB; a memory map reads only these rows.
+            x = tuple(np.asarray(a[rows[batch]], dtype=np.float32) for a in arrays)
+            yield (x if len(arrays) > 1 else x[0]), labels32[batch]
 
-    signature = (tf.TensorSpec((batch_size, features.shape[1]), tf.float32), tf.TensorSpec((batch_size,), tf.int32))
+    specs = tuple(tf.TensorSpec((batch_size, *a.shape[1:]), tf.float32) for a in arrays)
+    signature = (specs if len(arrays) > 1 else specs[0], tf.TensorSpec((batch_size,), tf.int32))
     return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(tf.data.AUTOTUNE)

@@ -36,6 +36,12 @@ Definitions (every metric is computed per query, then averaged):
   AP = (1/R) * sum_{relevant j} (#relevant with score >= s_j) / (#items with score >= s_j);
   items with equal scores enter together, so AP does not depend on the index order.
 
+Unit vectors. On the unit sphere ||a - b||^2 = 2 - 2 cos(a, b), so euclidean distance
+ranks exactly like cosine similarity: ``euclidean_from_cosine`` reads the euclidean
+result off the cosine one (same neighbours and metrics, scores sqrt(max(0, 2 - 2 cos)))
+instead of a second pass, and ``check_unit_identity`` verifies the identity on a seeded
+sample of queries by really ranking them by euclidean distance.
+
 How it is computed. Query rows are scored in blocks: at most ``chunk_size`` rows
 are in flight at once (split across worker threads), so only chunk x N float32
 scores plus their sorted copy ever exist. Each score row is value-sorted once
@@ -74,6 +80,13 @@ METRICS = ("cosine", "euclidean")
 _MEAN_OF = {"P@1": "P@1", "P@k": "P@k", "R@k": "R@k", "AP": "mAP", "MAP@R": "MAP@R", "R-precision": "R-precision"}
 # The means a RetrievalResult reports, in the order every table shows them.
 SCORE_NAMES: tuple[str, ...] = tuple(_MEAN_OF.values())
+
+# A progress bar is shown (when asked for) only for passes of more query chunks than this.
+PROGRESS_MIN_CHUNKS = 3
+
+# Largest |d_euclidean^2 - (2 - 2 cos)| the unit identity tolerates: float32 scores of
+# unit vectors are exact to about 1e-7, vectors a thousandth off unit length miss it by ~1e-3.
+IDENTITY_TOLERANCE = 1e-5
 
 # Equal-score groups longer than this are located by binary search instead of walked.
 _WALK_LIMIT = 16
@@ -210,19 +223,28 @@ def retrieve(
     blocks = [(start, min(start + block_rows, n_queries)) for start in range(0, n_queries, block_rows)]
     buffers = threading.local()
     blas_limit = _single_threaded_blas() if n_workers > 1 else contextlib.nullcontext()
-    with blas_limit, ThreadPoolExecutor(max_workers=n_workers) as pool:
-        jobs = [pool.submit(_process_block, plan, start, stop, block_rows, buffers) for start, stop in blocks]
-        finished = as_completed(jobs)
-        if progress:
-            from tqdm.auto import tqdm
+    # A bar only for passes long enough to wait for: it counts queries, so tqdm's
+    # rate reads as queries/s and its estimate as the time left.
+    n_chunks = -(-n_queries // chunk_size)
+    bar = None
+    if progress and n_chunks > PROGRESS_MIN_CHUNKS:
+        from tqdm.auto import tqdm
 
-            finished = tqdm(finished, total=len(jobs), desc=f"retrieval ({metric})", unit="block")
+        bar = tqdm(total=n_queries, desc=f"retrieval ({metric})", unit=" queries", dynamic_ncols=True)
+    with blas_limit, ThreadPoolExecutor(max_workers=n_workers) as pool:
+        jobs = {pool.submit(_process_block, plan, start, stop, block_rows, buffers): stop - start
+                for start, stop in blocks}
         try:
-            for job in finished:
+            for job in as_completed(jobs):
                 job.result()
+                if bar is not None:
+                    bar.update(jobs[job])
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+        finally:
+            if bar is not None:
+                bar.close()
 
     valid = plan.neighbours >= 0
     k_occurrence = np.bincount(plan.neighbours[valid], minlength=gallery_size).astype(np.int64)
@@ -241,6 +263,84 @@ def retrieve(
         neighbour_scores=plan.neighbour_scores,
         per_query=plan.per_query,
         k_occurrence=k_occurrence,
+    )
+
+
+@dataclass
+class UnitIdentityCheck:
+    """How a real euclidean ranking of sampled queries compared with their cosine ranking."""
+
+    n_sampled: int
+    # Top-k lists equal index for index.
+    n_identical: int
+    # Top-k lists whose scores agree rank by rank (d^2 = 2 - 2 cos within IDENTITY_TOLERANCE): equal,
+    # or differing only in the order of items whose scores are equal up to float32 rounding.
+    n_consistent: int
+    max_sq_distance_error: float
+    sample: np.ndarray  # (n_sampled,) sorted query indices checked
+
+    @property
+    def holds(self) -> bool:
+        return self.n_consistent == self.n_sampled
+
+    def as_dict(self) -> dict:
+        return {"n_sampled": self.n_sampled, "n_identical": self.n_identical, "n_consistent": self.n_consistent,
+                "max_sq_distance_error": self.max_sq_distance_error, "tolerance": IDENTITY_TOLERANCE,
+                "holds": self.holds}
+
+
+def euclidean_from_cosine(cosine: RetrievalResult) -> RetrievalResult:
+    """The euclidean result of unit vectors, read off their cosine result: on the unit sphere
+    ||a - b||^2 = 2 - 2 cos(a, b), so the ranking, neighbour lists and metrics are the same and each
+    neighbour score becomes the distance sqrt(max(0, 2 - 2 cos)). Valid only where check_unit_identity holds."""
+    cos = cosine.neighbour_scores.astype(np.float64)
+    distance = np.sqrt(np.maximum(2.0 - 2.0 * cos, 0.0)).astype(np.float32)  # NaN padding stays NaN
+    return RetrievalResult(
+        metrics=dict(cosine.metrics),
+        neighbours=cosine.neighbours.copy(),
+        neighbour_scores=distance,
+        per_query={name: values.copy() for name, values in cosine.per_query.items()},
+        k_occurrence=cosine.k_occurrence.copy(),
+    )
+
+
+def check_unit_identity(
+    query: np.ndarray,
+    query_labels: np.ndarray,
+    gallery: np.ndarray,
+    gallery_labels: np.ndarray,
+    cosine: RetrievalResult,
+    *,
+    k: int = 5,
+    exclude: np.ndarray | None = None,
+    sample_size: int = 1000,
+    seed: int = 0,
+    chunk_size: int = 1024,
+) -> UnitIdentityCheck:
+    """Rank a seeded sample of the queries by real euclidean distance and compare with `cosine`
+    (their cosine result on the same vectors): same top-k lists, and at every rank
+    d^2 = 2 - 2 cos within IDENTITY_TOLERANCE. Vectors that are not unit length fail it."""
+    n_queries = len(cosine.neighbours)
+    if isinstance(sample_size, bool) or int(sample_size) != sample_size or sample_size < 1:
+        raise ValueError(f"sample_size must be a positive integer, got {sample_size!r}")
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(n_queries, size=min(int(sample_size), n_queries), replace=False))
+    exclude_idx = _check_exclude(exclude, n_queries, len(gallery))
+    euclidean = retrieve(np.asarray(query)[sample], np.asarray(query_labels)[sample], gallery, gallery_labels,
+                         metric="euclidean", k=k, exclude=exclude_idx[sample], chunk_size=chunk_size)
+    cos_neighbours = cosine.neighbours[sample]
+    identical = np.all(euclidean.neighbours == cos_neighbours, axis=1)
+    valid = euclidean.neighbours >= 0
+    implied = 2.0 - 2.0 * cosine.neighbour_scores[sample].astype(np.float64)
+    error = np.abs(euclidean.neighbour_scores.astype(np.float64) ** 2 - implied)
+    error = np.where(valid & (cos_neighbours >= 0), error, 0.0)
+    consistent = np.all(valid == (cos_neighbours >= 0), axis=1) & np.all(error <= IDENTITY_TOLERANCE, axis=1)
+    return UnitIdentityCheck(
+        n_sampled=int(sample.size),
+        n_identical=int(identical.sum()),
+        n_consistent=int(consistent.sum()),
+        max_sq_distance_error=float(error.max(initial=0.0)),
+        sample=sample,
     )
 
 

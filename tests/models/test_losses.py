@@ -18,6 +18,7 @@ import tensorflow as tf
 from models.classifier import CosineClassifier
 from models.layers import L2Normalize
 from models.losses import LOSSES, ArcFaceLoss, TripletLoss, get_loss, triplet_accuracy
+from tests.models.test_losses_multimodal import cross_multimodal, ref_multimodal
 
 RTOL = 1e-4
 ATOL = 1e-6
@@ -283,6 +284,7 @@ CROSS_REFERENCES = {
     "multisimilarity": cross_multisimilarity,
     "supcon": cross_supcon,
     "infonce": cross_infonce,
+    "multimodal_contrastive": cross_multimodal,
 }
 
 REFERENCES = {
@@ -292,6 +294,7 @@ REFERENCES = {
     "multisimilarity": ref_multisimilarity,
     "supcon": ref_supcon,
     "infonce": ref_infonce,
+    "multimodal_contrastive": ref_multimodal,
 }
 # Every registered loss must have one (test_every_registered_loss_has_references).
 ALL_REFERENCES = {**REFERENCES, "arcface": ref_arcface}
@@ -311,8 +314,8 @@ EMBEDDING_CONFIGS = (
 CONFIG_IDS = [name + "".join(f"-{k}={v}" for k, v in params.items()) for name, params in EMBEDDING_CONFIGS]
 
 # Losses that have nothing to average without a positive pair / without a negative.
-NEEDS_POSITIVE = {"triplet", "contrastive_softmax", "multisimilarity", "supcon", "infonce"}
-NEEDS_NEGATIVE = {"triplet", "contrastive_softmax", "multisimilarity"}
+NEEDS_POSITIVE = {"triplet", "contrastive_softmax", "multisimilarity", "supcon", "infonce", "multimodal_contrastive"}
+NEEDS_NEGATIVE = {"triplet", "contrastive_softmax", "multisimilarity", "multimodal_contrastive"}
 
 
 def clustered_batch(seed, n=12, dim=8, n_classes=4, normalise=True):
@@ -679,6 +682,7 @@ PARAMS = {
     "multisimilarity": {"alpha": 1.0, "beta": 40.0, "base": 0.4, "epsilon": 0.05},
     "supcon": {"temperature": 0.1},
     "infonce": {"temperature": 0.2},
+    "multimodal_contrastive": {"temperature": 0.2, "alpha_text": 0.5, "alpha_cross": 0.1},
 }
 
 
@@ -701,7 +705,7 @@ def test_config_and_serialisation_round_trip(name):
 
 def test_registry_and_get_loss():
     assert set(LOSSES) == {"triplet", "contrastive", "contrastive_softmax", "arcface", "multisimilarity", "supcon",
-                           "infonce"}
+                           "infonce", "multimodal_contrastive"}
     for name, cls in LOSSES.items():
         loss = get_loss(name)
         assert isinstance(loss, cls) and isinstance(loss, keras.losses.Loss)

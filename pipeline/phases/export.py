@@ -160,8 +160,8 @@ def tolerance(meta: dict, phase1_meta: dict) -> float:
 def run_export(config: RunConfig, model: str = "best", out: str | None = None, force: bool = False) -> Path:
     from pipeline.serving.bundle import current_version, open_bundle, write_bundle
     from pipeline.serving.serving_model import (
-        IMAGE_ENDPOINTS, TEXT_ENDPOINTS, served_image_error, served_text_error, write_image_saved_model,
-        write_text_saved_model,
+        IMAGE_ENDPOINTS, ONNX_INPUT, ONNX_OUTPUT, TEXT_ENDPOINTS, served_image_error, served_text_error,
+        write_image_onnx, write_image_saved_model, write_text_saved_model,
     )
     from pipeline.serving.thumbnails import thumbnails_of
 
@@ -197,6 +197,8 @@ def run_export(config: RunConfig, model: str = "best", out: str | None = None, f
                               f"{max_diff:.2e} (tolerance {limit:.0e}); no bundle was written")
         check = {"images": int(len(rows)), "max_abs_diff": max_diff, "tolerance": limit,
                  "against": f"{emb_dir.as_posix()}/embeddings.npy (TFRecord bytes through serving_default)"}
+        # Optional and never fatal: left out, with the reason on the card, when it cannot match the SavedModel.
+        check["onnx"] = write_image_onnx(image_model, staging / "image_model.onnx", staging / "image_model", encoded)
         text_model = None
         if text_embedder is not None:
             text_model = staging / "text_model"
@@ -216,13 +218,17 @@ def run_export(config: RunConfig, model: str = "best", out: str | None = None, f
             "export_check": check, "export_s": export_s,
             "models": {"image": {"folder": "image_model", "endpoints": list(IMAGE_ENDPOINTS),
                                  "serving_default": IMAGE_ENDPOINTS[0]},
+                       "image_onnx": {"file": "image_model.onnx", "input": ONNX_INPUT, "output": ONNX_OUTPUT,
+                                      "pixels": f"float32 [batch, {image_size}, {image_size}, 3], RGB 0..255"}
+                       if check["onnx"]["written"] else None,
                        "text": None if text_model is None else {
                            "folder": "text_model", "endpoints": list(TEXT_ENDPOINTS),
                            "serving_default": TEXT_ENDPOINTS[0], "needs": "import tensorflow_text"}},
         }
         columns = items.assign(label=items["label"].astype(np.int64))
         version = write_bundle(root, columns, unit, thumbnails_of(collection_images(run_dir.dataset_dir, items)),
-                               staging / "image_model", card, text_model=text_model)
+                               staging / "image_model", card, text_model=text_model,
+                               image_onnx=staging / "image_model.onnx" if check["onnx"]["written"] else None)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("export: wrote %s (%s): %d items, %s, SavedModel max |diff| %.2e, %.1f s", root, version, len(items),

@@ -3,7 +3,7 @@
     POST /search           multipart `image`, or JSON {"text": ...} / {"vector": [...]}; ?k=&filter=col=value&rerank=
     POST /embed            the same queries -> the unit embedding
     GET  /items/{id}       an item's metadata;   GET /items/{id}/image  its thumbnail, from the bundle
-    GET  /health           bundle version, item count, text model or not
+    GET  /health           bundle version, item count, text model or not, image runtime (onnxruntime/savedmodel)
     GET  /metrics          Prometheus text: requests by route and status, latency histogram
     GET  /docs             the OpenAPI schema (/openapi.json) rendered offline
     POST /items, DELETE /items/{id}   only when a bearer token is configured
@@ -213,7 +213,7 @@ def add_read_routes(app: FastAPI, state: ServingState) -> None:
             "has_text": bool(searcher.has_text), "dim": schema.embedding_dim(searcher),
             "backbone": str(bundle.card.get("backbone", "")), "loaded_at": loaded.loaded_at,
             "micro_batching": state.batcher is not None, "write_api": state.token is not None,
-            "reload_error": state.live.last_error,
+            "reload_error": state.live.last_error, "image_backend": schema.image_backend(searcher),
         })
 
     @app.get("/metrics", response_class=Response, summary="Prometheus text format",

@@ -76,6 +76,7 @@ class Health(BaseModel):
     micro_batching: bool
     write_api: bool
     reload_error: str | None
+    image_backend: str | None = None   # "onnxruntime" | "savedmodel": what embeds query images
 
 
 class WriteResponse(BaseModel):
@@ -207,6 +208,12 @@ def find_item(bundle, item_id: str) -> dict:
 
 def embedding_dim(searcher) -> int:
     return int(searcher.dim)
+
+
+def image_backend(searcher) -> str | None:
+    """The searcher's image runtime; None for a searcher that does not say (the API tests' double)."""
+    backend = getattr(searcher, "image_backend", None)
+    return None if backend is None else str(backend)
 
 
 def per_input_results(vectors, errors: dict[int, str], n: int) -> list:

@@ -4,6 +4,9 @@
     B/versions/v0003/
         image_model/            SavedModel: embed_image_bytes (= serving_default), embed_pixels (serving_model.py)
         text_model/             SavedModel of CLIP backbones: embed_token_ids (= serving_default), embed_texts
+        image_model.onnx        optional: the image network on decoded pixels (float32 [batch, S, S, 3], 0..255 →
+                                unit embedding) for ONNX Runtime, kept only when it matched the SavedModel
+                                (serving_model.write_image_onnx); search.py prefers it when onnxruntime imports
         index.faiss             FAISS index over embeddings.npy (row i = id i)
         embeddings.npy          float32 unit vectors, row i = items.parquet row i (add/remove re-embed nothing)
         items.parquet           id, label, label_name, path, text, group, split, and where the item's thumbnail
@@ -48,7 +51,7 @@ from pipeline.serving.thumbnails import (
 FORMAT = 1
 CURRENT, VERSIONS, LOCK = "CURRENT", "versions", ".lock"
 CARD, ITEMS, EMBEDDINGS, INDEX = "bundle.json", "items.parquet", "embeddings.npy", "index.faiss"
-IMAGE_MODEL, TEXT_MODEL = "image_model", "text_model"
+IMAGE_MODEL, TEXT_MODEL, IMAGE_ONNX = "image_model", "text_model", "image_model.onnx"
 ITEM_COLUMNS = ("id", "label", "label_name", "path", "text", "group", "split")
 KEEP_VERSIONS = 2
 RECALL_K, RECALL_SAMPLE = 10, 1000
@@ -77,6 +80,12 @@ class Bundle:
     @property
     def image_model_dir(self) -> Path:
         return self.folder / IMAGE_MODEL
+
+    @property
+    def image_onnx(self) -> Path | None:
+        """The version's image_model.onnx, or None when it was not written."""
+        path = self.folder / IMAGE_ONNX
+        return path if path.is_file() else None
 
     @property
     def text_model_dir(self) -> Path | None:
@@ -206,6 +215,7 @@ class VersionContents:
     thumbnails: Iterable[bytes] = ()
     previous: Path | None = None
     index_kind: str = "auto"
+    image_onnx: Path | None = None
 
 
 def write_version(root: str | Path, contents: VersionContents, action: str) -> str:
@@ -230,6 +240,8 @@ def write_version(root: str | Path, contents: VersionContents, action: str) -> s
         if items["id"].duplicated().any():
             raise BundleError(f"duplicate ids: {items.loc[items['id'].duplicated(), 'id'].head(5).tolist()}")
         link_tree(contents.image_model, staging / IMAGE_MODEL)
+        if contents.image_onnx is not None:
+            link_or_copy(contents.image_onnx, staging / IMAGE_ONNX)
         if contents.text_model is not None:
             link_tree(contents.text_model, staging / TEXT_MODEL)
         write_thumbnails(staging / THUMBNAILS, items, contents.thumbnails, version,
@@ -338,8 +350,10 @@ def publish_change(root: str | Path, change: Callable[[Bundle], tuple[VersionCon
 
 
 def write_bundle(root: str | Path, items, embeddings: np.ndarray, thumbnails: Iterable[bytes], image_model: Path,
-                 card: dict, text_model: Path | None = None, index_kind: str = "auto") -> str:
-    """A new version holding exactly this collection (export); `thumbnails` in items' row order."""
+                 card: dict, text_model: Path | None = None, index_kind: str = "auto",
+                 image_onnx: Path | None = None) -> str:
+    """A new version holding exactly this collection (export); `thumbnails` in items' row order; `image_onnx`:
+    an image_model.onnx already checked against `image_model` (serving_model.write_image_onnx), if any."""
     import pandas as pd
 
     frame = pd.DataFrame(items).reset_index(drop=True)
@@ -352,7 +366,7 @@ def write_bundle(root: str | Path, items, embeddings: np.ndarray, thumbnails: It
     frame["thumbnail_segment"], frame["thumbnail_offset"], frame["thumbnail_size"] = "", 0, 0
     contents = VersionContents(items=frame, embeddings=embeddings, card={**card, "history": []},
                                image_model=Path(image_model), text_model=text_model, thumbnails=thumbnails,
-                               index_kind=index_kind)
+                               index_kind=index_kind, image_onnx=None if image_onnx is None else Path(image_onnx))
     with writer_lock(root):
         return write_version(root, contents, "export")
 
@@ -420,7 +434,8 @@ def _next_contents(bundle: Bundle, items, embeddings, thumbnails) -> VersionCont
     return VersionContents(items=items, embeddings=embeddings, card=_inherited(bundle.card),
                            image_model=bundle.folder / IMAGE_MODEL, text_model=text if text.is_dir() else None,
                            thumbnails=thumbnails, previous=bundle.folder,
-                           index_kind=bundle.card.get("index", {}).get("requested", "auto"))
+                           index_kind=bundle.card.get("index", {}).get("requested", "auto"),
+                           image_onnx=bundle.image_onnx)
 
 
 def _inherited(card: dict) -> dict:

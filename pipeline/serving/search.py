@@ -1,10 +1,13 @@
 """Search a bundle: images or texts in, ranked items out — the one search path of the CLI and the HTTP API.
 
-`Searcher(bundle)` loads the bundle's SavedModels once (image, and text for CLIP bundles) and keeps the
+`Searcher(bundle)` loads the bundle's models once (image, and text for CLIP bundles) and keeps the
 index and items of the version it was given, so it keeps answering from that version while newer ones are
 written. Every call takes a batch (the HTTP API micro-batches concurrent requests onto it):
     embed_images(list[bytes]) -> (vectors of the images that could be read, in input order,
                                   {input position: why it could not be read})
+                              images run through image_model.onnx under ONNX Runtime when the bundle has it
+                              and onnxruntime imports, else the image SavedModel (`image_backend` says which;
+                              the decode is TensorFlow's either way, so both give the same vectors to 1e-4)
     embed_texts(list[str])    -> vectors (CLIP bundles; tokenised inside the text SavedModel)
     search(vectors, k, filters, rerank) -> one ranked list of `Hit`s per vector; rerank "category" (or "filter")
                               puts the items of the query's predicted category (the label vote of its 10
@@ -53,7 +56,7 @@ class Searcher:
         from pipeline.serving.serving_model import ImageEmbedder, load_saved_model
 
         self.bundle = bundle
-        self.images = ImageEmbedder(bundle.image_model_dir)
+        self.images = ImageEmbedder(bundle.image_model_dir, onnx_file=bundle.image_onnx)
         self.text_model = load_saved_model(bundle.text_model_dir, text=True) if bundle.has_text else None
         items = bundle.items
         # Column arrays, read per hit without pandas' per-row cost.
@@ -63,6 +66,11 @@ class Searcher:
     @property
     def has_text(self) -> bool:
         return self.text_model is not None
+
+    @property
+    def image_backend(self) -> str:
+        """"onnxruntime" or "savedmodel": what embeds query images."""
+        return self.images.backend
 
     @property
     def dim(self) -> int:

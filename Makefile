@@ -30,8 +30,10 @@ fashion-mnist:
 demo: install fashion-mnist
 	$(if $(SHARED_KERAS),KERAS_HOME=$${KERAS_HOME:-$(abspath ../shared/keras)}) \
 	  $(PY) run.py all --config configs/demo.yaml
+	$(PY) run.py export --run demo
 	@echo "reports: $(abspath reports/demo/index.html) (pretrained space)"
 	@echo "         $(abspath reports/demo/comparison.html) (pretrained vs trained heads)"
+	@echo "serve the best model's bundle: $(PY) run.py serve --bundle runs/demo/bundle   (then open http://127.0.0.1:8000/)"
 
 lint: install
 	$(VENV)/bin/ruff check .

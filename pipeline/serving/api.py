@@ -211,7 +211,7 @@ def add_read_routes(app: FastAPI, state: ServingState) -> None:
         return JSONResponse({
             "status": "ok", "bundle_version": str(bundle.version), "items": int(len(bundle.items)),
             "has_text": bool(searcher.has_text), "dim": schema.embedding_dim(searcher),
-            "backbone": str(bundle.card.get("backbone", "")), "loaded_at": loaded.loaded_at,
+            "backbone": model_name(bundle.card), "loaded_at": loaded.loaded_at,
             "micro_batching": state.batcher is not None, "write_api": state.token is not None,
             "reload_error": state.live.last_error, "image_backend": schema.image_backend(searcher),
         })
@@ -324,6 +324,15 @@ def add_write_routes(app: FastAPI, state: ServingState) -> None:
                 summary="Remove an item as a new bundle version")
     async def remove(item_id: str):
         return JSONResponse(await remove_item(state, item_id))
+
+
+def model_name(card: dict) -> str:
+    """What /health calls the bundle's model: its embeddings tag (e.g. `resnet50-imagenet+triplet`)."""
+    tag = (card.get("source") or {}).get("tag")
+    if tag:
+        return str(tag)
+    backbone = card.get("backbone")
+    return str(backbone.get("name", "")) if isinstance(backbone, dict) else str(backbone or "")
 
 
 def read_token_file(path: str | os.PathLike) -> str:

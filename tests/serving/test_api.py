@@ -400,3 +400,13 @@ def test_each_search_thread_runs_faiss_with_the_configured_thread_count():
             for _ in range(3):
                 assert c.post("/search", json={"vector": [1, 0, 0]}).status_code == 200
         assert searcher.threads[-3:] == [expected] * 3
+
+
+def test_health_names_the_model_by_its_tag_not_a_dict():
+    from pipeline.serving.api import model_name
+
+    assert model_name({"source": {"tag": "mobilenet-a0.25-96-imagenet+triplet"},
+                       "backbone": {"name": "mobilenet", "params": {"alpha": 0.25}}}) == \
+        "mobilenet-a0.25-96-imagenet+triplet"
+    assert model_name({"backbone": {"name": "clip"}}) == "clip"
+    assert model_name({"backbone": "tiny-test-model"}) == "tiny-test-model"

@@ -52,16 +52,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, _FILE_MODE)
     try:
         yield Path(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the writer closed the file; make its bytes durable before the rename
-        finally:
-            os.close(fd)
+        fsync_path(tmp)  # the writer closed the file; make its bytes durable before the rename
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def fsync_path(path: str | Path) -> None:
+    """Make a closed file's bytes (or a folder's entries: a rename inside it) durable on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -7,11 +7,10 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import random
 from pathlib import Path
 
-from pipeline.core.atomic import atomic_open, atomic_path
+from pipeline.core.atomic import atomic_open, atomic_path, fsync_path
 from pipeline.data.schema import SPLITS, ImageRecord, shard_filename, shard_glob
 from pipeline.data.validate import Accepted
 
@@ -65,18 +64,11 @@ def write_shards(out: Path, by_split: dict[str, list[Accepted]], label_index: di
                 with tf.io.TFRecordWriter(str(tmp)) as writer:
                     for a in members[start:stop]:
                         writer.write(serialize(image_record(a, label_index, spill)))
-                fsync(tmp)
+                fsync_path(tmp)  # TFRecordWriter flushes but does not fsync
             shards[split].append(name)
     return shards
 
 
-def fsync(path: Path) -> None:
-    # TFRecordWriter flushes but does not fsync; atomic_path's rename needs the data on disk.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_manifest(path: Path, by_split: dict[str, list[Accepted]], label_index: dict[str, int]) -> None:

@@ -265,7 +265,7 @@ def write_version(root: str | Path, contents: VersionContents, action: str) -> s
         atomic.write_json(staging / CARD, card)
         check_files(staging, read_card(staging))
         os.rename(staging, versions / version)
-        _fsync_dir(versions)
+        atomic.fsync_path(versions)
         atomic.write_text(root / CURRENT, version + "\n")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -305,12 +305,6 @@ def link_tree(source: Path, destination: Path) -> None:
     shutil.copytree(source, destination, copy_function=link_or_copy)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def new_items_table(metadata, labels_by_name: dict[str, int]):

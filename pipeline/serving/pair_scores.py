@@ -13,21 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def image_output(model):
-    """The single-output (images → unit embedding) view of a model."""
-    import keras
-
-    if isinstance(model.output, dict):
-        return keras.Model(model.input, model.output["embedding"], name=f"{model.name}_embedding")
-    return model
-
-
-def model_input_size(model) -> int:
-    shape = model.inputs[0].shape
-    if len(shape) != 4 or shape[1] is None or shape[1] != shape[2] or shape[3] != 3:
-        raise ValueError(f"model {model.name!r} takes {tuple(shape)}, not square RGB images")
-    return int(shape[1])
+from pipeline.serving.serving_model import embedding_output, model_image_size
 
 
 def read_images(paths: Sequence[str]) -> tuple[dict[str, bytes], dict[str, str]]:
@@ -52,8 +38,8 @@ def embed_encoded(model, encoded: Sequence[bytes], batch_size: int = 32, progres
     from pipeline.data.tfrecords import decode_and_resize
     from pipeline.vectors.normalize import l2_normalize
 
-    model = image_output(model)
-    size = model_input_size(model)
+    model = embedding_output(model)
+    size = model_image_size(model)
     if not encoded:
         return np.zeros((0, int(model.output.shape[-1])), np.float32)
     images = tf.data.Dataset.from_tensor_slices(tf.constant(list(encoded), dtype=tf.string))

@@ -39,8 +39,9 @@ K = 10
 N_QUERIES = 1000
 
 
-def make_clustered(n: int, dim: int, n_centres: int, spread: float, seed: int) -> np.ndarray:
-    """n unit vectors around n_centres centres (see the module docstring), built in blocks to bound memory."""
+def make_clustered(n: int, dim: int, n_centres: int, spread: float, seed: int, return_labels: bool = False):
+    """n unit vectors around n_centres centres (see the module docstring), built in blocks to bound memory;
+    with return_labels, also each vector's centre (its class, for bench/bench_eval_scale.py)."""
     rng = np.random.default_rng(seed)
     structure = np.random.default_rng(12345)  # centres and noise shape shared by gallery and queries
     centres = structure.standard_normal((n_centres, dim), dtype=np.float32)
@@ -50,13 +51,15 @@ def make_clustered(n: int, dim: int, n_centres: int, spread: float, seed: int) -
     axis_scale *= spread / np.linalg.norm(axis_scale)
     shaped = (axis_scale[:, None] * rotation.T).astype(np.float32)  # noise = z @ shaped
     out = np.empty((n, dim), dtype=np.float32)
+    labels = np.empty(n, dtype=np.int64)
     for start in range(0, n, 100_000):
         stop = min(n, start + 100_000)
         block = rng.standard_normal((stop - start, dim), dtype=np.float32) @ shaped
-        block += centres[rng.integers(0, n_centres, stop - start)]
+        labels[start:stop] = rng.integers(0, n_centres, stop - start)
+        block += centres[labels[start:stop]]
         block /= np.linalg.norm(block, axis=1, keepdims=True)
         out[start:stop] = block
-    return out
+    return (out, labels) if return_labels else out
 
 
 def rss() -> int:

@@ -43,9 +43,13 @@ instead of a second pass, and ``check_unit_identity`` verifies the identity on a
 sample of queries by really ranking them by euclidean distance.
 
 How it is computed. Query rows are scored in blocks: at most ``chunk_size`` rows
-are in flight at once (split across worker threads), so only chunk x N float32
-scores plus their sorted copy ever exist. Each score row is value-sorted once
-(``np.sort`` is several times cheaper than ``np.argsort``); the ranks of the
+are in flight at once (split across worker threads; fewer when their scores would
+exceed gallery.SCORE_BUDGET_BYTES), so only that many rows of N float32 scores plus
+their sorted copy ever exist; the gallery is scored by gallery.ScoredGallery (in RAM,
+or memory-mapped / float16 a segment at a time). Each score row is value-sorted once
+(``np.sort`` is several times cheaper than ``np.argsort``), or only its items scoring
+at least the query's lowest relevant score or k-th score, the only ones any metric
+depends on (gallery.sorted_candidates); the ranks of the
 relevant items come from ``np.searchsorted`` of their scores into the sorted row,
 and every metric is a function of those ranks: with ranks r_1 < ... < r_R,
 AP = (1/R) sum_m m / r_m (without ties) and MAP@R = (1/R) sum_{m: r_m <= R} m / r_m.
@@ -72,6 +76,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.vectors.gallery import ScoredGallery, rows_in_flight, sorted_candidates
 from pipeline.vectors.normalize import l2_normalize, row_sq_norms
 
 METRICS = ("cosine", "euclidean")
@@ -87,6 +92,9 @@ PROGRESS_MIN_CHUNKS = 3
 # Largest |d_euclidean^2 - (2 - 2 cos)| the unit identity tolerates: float32 scores of
 # unit vectors are exact to about 1e-7, vectors a thousandth off unit length miss it by ~1e-3.
 IDENTITY_TOLERANCE = 1e-5
+
+# Blocks sorted whole before the candidate bounds stop being computed (see _Plan.full_sorts).
+_PROBE_BLOCKS = 2
 
 # Equal-score groups longer than this are located by binary search instead of walked.
 _WALK_LIMIT = 16
@@ -127,12 +135,15 @@ class _Plan:
     k_eff: np.ndarray             # (n_queries,) effective k
     query_sq_norms: np.ndarray | None  # float64, euclidean only (to turn keys into distances)
     query: np.ndarray             # (n_queries, dim) float32, normalised for cosine
-    gallery_t: np.ndarray         # (dim, gallery_size) float32 view
-    gallery_sq_norms: np.ndarray | None  # float32, euclidean only
+    gallery: ScoredGallery        # scores query blocks (resident, or streamed a segment at a time)
     exclude: np.ndarray           # (n_queries,) gallery index to drop, or -1
     neighbours: np.ndarray
     neighbour_scores: np.ndarray
     per_query: dict
+    # Blocks whose rows were sorted whole / as candidates only: once whole sorts are all that happened
+    # (relevant items spread through every ranking), the lower bounds are no longer computed.
+    full_sorts: int = 0
+    candidate_sorts: int = 0
 
 
 def retrieve(
@@ -157,28 +168,29 @@ def retrieve(
     k, chunk_size = int(k), int(chunk_size)
 
     same_matrix = query is gallery
-    gallery32 = _as_float32_matrix(gallery, "gallery")
-    query32 = gallery32 if same_matrix else _as_float32_matrix(query, "query")
-    n_queries, gallery_size = query32.shape[0], gallery32.shape[0]
+    scored = ScoredGallery(gallery, metric)
+    gallery_size = scored.size
+    if same_matrix and scored.resident_array is not None:
+        query32 = scored.resident_array  # already float32 (and normalised for cosine)
+    else:
+        query32 = _as_float32_matrix(query, "query")
+        if metric == "cosine":
+            query32 = l2_normalize(query32)
+    n_queries = query32.shape[0]
     if gallery_size == 0:
         raise ValueError("the gallery is empty")
-    if query32.shape[1] != gallery32.shape[1]:
-        raise ValueError(f"query dim {query32.shape[1]} != gallery dim {gallery32.shape[1]}")
+    if query32.shape[1] != scored.dim:
+        raise ValueError(f"query dim {query32.shape[1]} != gallery dim {scored.dim}")
     query_codes, gallery_codes = _encode_labels(query_labels, gallery_labels, n_queries, gallery_size)
     exclude_idx = _check_exclude(exclude, n_queries, gallery_size)
 
     query_sq_norms = None
-    if metric == "cosine":
-        gallery32 = l2_normalize(gallery32)
-        query32 = gallery32 if same_matrix else l2_normalize(query32)
-        gallery_sq_norms = None
-    else:
-        gallery_sq64 = row_sq_norms(gallery32)
+    if metric == "euclidean":
+        gallery_sq64 = scored.sq_norms
         query_sq_norms = gallery_sq64 if same_matrix else row_sq_norms(query32)
         # 2 q.g - ||g||^2 must not overflow float32, or ranks would be meaningless.
         if max(gallery_sq64.max(initial=0.0), query_sq_norms.max(initial=0.0)) > np.finfo(np.float32).max / 8:
             raise ValueError("vector norms too large for float32 euclidean scoring")
-        gallery_sq_norms = gallery_sq64.astype(np.float32)
 
     # Class membership as sorted index lists: the relevant set of a query is then a
     # lookup instead of an n_queries x N label comparison.
@@ -204,8 +216,7 @@ def retrieve(
         k_eff=k_eff,
         query_sq_norms=query_sq_norms,
         query=query32,
-        gallery_t=gallery32.T,
-        gallery_sq_norms=gallery_sq_norms,
+        gallery=scored,
         exclude=exclude_idx,
         neighbours=np.full((n_queries, k), -1, dtype=np.int64),
         neighbour_scores=np.full((n_queries, k), np.nan, dtype=np.float32),
@@ -217,9 +228,9 @@ def retrieve(
     # ranks) with single-threaded BLAS: numpy's sort and searchsorted release the
     # GIL, and a multi-threaded BLAS would keep its threads spinning after every
     # matmul, stealing the cores the sorting needs. At most chunk_size rows are in
-    # flight at once, split across the workers.
+    # flight at once (fewer for large galleries: gallery.rows_in_flight), split across the workers.
     n_workers = max(1, min(_worker_count(), n_queries))
-    block_rows = max(1, -(-chunk_size // n_workers))
+    block_rows = max(1, -(-rows_in_flight(chunk_size, gallery_size, n_workers) // n_workers))
     blocks = [(start, min(start + block_rows, n_queries)) for start in range(0, n_queries, block_rows)]
     buffers = threading.local()
     blas_limit = _single_threaded_blas() if n_workers > 1 else contextlib.nullcontext()
@@ -349,23 +360,50 @@ def _process_block(plan: _Plan, start: int, stop: int, block_rows: int, buffers:
     if getattr(buffers, "scores", None) is None:
         # Reused across the blocks of one thread: fresh 100 MB arrays per block
         # would mostly cost page faults.
-        shape = (block_rows, gallery_size)
-        buffers.scores = np.empty(shape, dtype=np.float32)
-        buffers.sorted = np.empty(shape, dtype=np.float32)
+        buffers.scores = np.empty((block_rows, gallery_size), dtype=np.float32)
+        buffers.sorted = np.empty(block_rows * gallery_size, dtype=np.float32)
     scores = buffers.scores[: stop - start]
-    np.matmul(plan.query[start:stop], plan.gallery_t, out=scores)
-    if plan.gallery_sq_norms is not None:
-        scores *= 2.0
-        scores -= plan.gallery_sq_norms
+    plan.gallery.score_into(plan.query[start:stop], scores)
     excluded = plan.exclude[start:stop]
     rows = np.flatnonzero(excluded >= 0)
     # -inf sorts below every finite score: the excluded item can never be ranked,
     # counted as "greater" or tie with anything.
     scores[rows, excluded[rows]] = -np.inf
-    sorted_scores = buffers.sorted[: stop - start]
-    np.copyto(sorted_scores, scores)
-    sorted_scores.sort(axis=1)
+    # Only items scoring at least the lowest relevant score (or the k-th largest) enter any metric, so
+    # only they are sorted (sorted rows are left-padded with -inf, see gallery.sorted_candidates).
+    try_candidates = plan.candidate_sorts > 0 or plan.full_sorts < _PROBE_BLOCKS
+    bounds = _lower_bounds(plan, scores, start) if try_candidates else None
+    sorted_scores = sorted_candidates(scores, bounds, buffers.sorted)
+    if sorted_scores.shape[1] < gallery_size:
+        plan.candidate_sorts += 1
+    else:
+        plan.full_sorts += 1
     _score_rows(plan, scores, sorted_scores, start)
+
+
+def _lower_bounds(plan: _Plan, scores: np.ndarray, first_query: int) -> np.ndarray:
+    """Per score row: the lowest score any metric depends on, min(lowest relevant score, k_eff-th largest)."""
+    n_rows, gallery_size = scores.shape
+    query_ids = np.arange(first_query, first_query + n_rows)
+    bound = np.full(n_rows, np.inf, dtype=np.float32)
+    codes = plan.query_codes[query_ids]
+    has_relevant = plan.n_relevant[query_ids] > 0
+    for code in np.unique(codes[has_relevant]):
+        rows = np.flatnonzero(has_relevant & (codes == code))
+        members = plan.members_of[code]
+        step = max(1, _GROUP_ELEMENTS // max(1, members.size))
+        for first in range(0, rows.size, step):
+            part = rows[first:first + step]
+            relevant = scores[part[:, None], members[None, :]]
+            relevant[relevant == -np.inf] = np.inf  # the excluded item is not a candidate
+            bound[part] = relevant.min(axis=1)
+    k_eff = plan.k_eff[query_ids]
+    active = np.flatnonzero(k_eff > 0)
+    enough = np.count_nonzero(scores[active] >= bound[active, None], axis=1) >= k_eff[active]
+    for row in active[~enough]:
+        cut = gallery_size - int(k_eff[row])
+        bound[row] = min(bound[row], np.partition(scores[row], cut)[cut])
+    return bound
 
 
 def _score_rows(plan: _Plan, scores: np.ndarray, sorted_scores: np.ndarray, first_query: int) -> None:
@@ -400,7 +438,8 @@ def _score_group(
     excluded_is_member: bool,
 ) -> None:
     """Metrics of queries that share their relevant set (`rows` index the block)."""
-    gallery_size = scores.shape[1]
+    # Sorted rows hold the candidates (padded to one width): ranks count the items above within them.
+    gallery_size = sorted_scores.shape[1]
     members = plan.members_of[code]
     relevant = scores[rows[:, None], members[None, :]]
     relevant.sort(axis=1)
@@ -465,7 +504,7 @@ def _resolve_ties(
     A run is the set of relevant items of one row sharing one score value; since
     `relevant` is sorted, a run is contiguous in p.
     """
-    gallery_size = scores.shape[1]
+    gallery_size = sorted_scores.shape[1]  # the candidates' width: counts of items above are within it
     n_rows, n_rel = relevant.shape
     tied_row, tied_p = np.nonzero(shared)
     tied_value = relevant[tied_row, tied_p]
@@ -534,16 +573,17 @@ def _first_equal(
 def _top_k(plan: _Plan, scores: np.ndarray, sorted_scores: np.ndarray, query_ids: np.ndarray) -> None:
     """Neighbour lists: everything at or above the k_eff-th largest score, stably ordered."""
     n_rows, gallery_size = scores.shape
+    width = sorted_scores.shape[1]  # candidates only, left-padded: the top k_eff are its last columns
     k_eff = plan.k_eff[query_ids]
     active = np.flatnonzero(k_eff > 0)
     threshold = np.full(n_rows, np.inf, dtype=np.float32)
-    threshold[active] = sorted_scores[active, gallery_size - k_eff[active]]
+    threshold[active] = sorted_scores[active, width - k_eff[active]]
     # A row is crowded when the score just below its top k_eff equals the
     # threshold (a tie across the cut). Those rows are done one by one, so a row of
     # identical scores cannot blow up memory; the others have exactly k_eff
     # candidates at or above the threshold.
-    has_below = active[k_eff[active] < gallery_size]
-    crowded = has_below[sorted_scores[has_below, gallery_size - k_eff[has_below] - 1] == threshold[has_below]]
+    has_below = active[k_eff[active] < width]
+    crowded = has_below[sorted_scores[has_below, width - k_eff[has_below] - 1] == threshold[has_below]]
     n_candidates = k_eff.copy()
     n_candidates[crowded] = 0
     cut = threshold.copy()

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from pipeline.data.boxes import Box, BoxError, box_record, pixel_box
+
 # What Pillow may try to decode. Restricting it keeps exotic plugins (PSD, ICO, EPS...)
 # from being probed on arbitrary files; MPO (multi-picture JPEG) comes in through JPEG.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
@@ -40,14 +42,17 @@ class ImageResult:
     height: int = 0
     reencoded: bool = False     # False: `data` is the untouched source file
     reason: str = ""
+    box: str = ""               # a crop: its box in the source image, `left,top,width,height` pixels
 
     @property
     def ok(self) -> bool:
         return not self.reason
 
 
-def normalize(source: str | os.PathLike | bytes | np.ndarray, max_side: int = 0) -> ImageResult:
-    """Dispatch on the kind of input; the one entry point worker processes call."""
+def normalize(source: str | os.PathLike | bytes | np.ndarray | tuple, max_side: int = 0) -> ImageResult:
+    """Dispatch on the kind of input; the one entry point worker processes call. A (file, Box) pair is a crop."""
+    if isinstance(source, tuple):
+        return normalize_crop(*source, max_side=max_side)
     if isinstance(source, np.ndarray):
         return normalize_array(source, max_side)
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -92,6 +97,25 @@ def normalize_array(array: np.ndarray, max_side: int = 0) -> ImageResult:
         sha256=digest, data=_encode(img, "png"), format="png",
         width=img.width, height=img.height, reencoded=True,
     )
+
+
+def normalize_crop(path: str | os.PathLike, box: Box, max_side: int = 0) -> ImageResult:
+    """The crop `box` (pipeline/data/boxes.py) of the image file `path`, normalised as a whole image would be
+    (EXIF orientation applied first, so boxes are in the image as displayed; RGB 8-bit), then stored re-encoded:
+    PNG (lossless) unless the source is a JPEG, whose crop stays a JPEG (quality JPEG_QUALITY). `max_side` applies
+    to the crop. Its sha256 is of the source bytes and the box, so two boxes of one image are two images."""
+    whole = normalize_file(path, 0)
+    if not whole.ok:
+        return whole
+    digest = hashlib.sha256(f"{whole.sha256}|{box.text()}|{box.units}".encode()).hexdigest()
+    try:
+        edges = pixel_box(box, whole.width, whole.height)
+    except BoxError as exc:
+        return ImageResult(sha256=digest, reason=str(exc))
+    with Image.open(io.BytesIO(whole.data)) as img:
+        crop = _downscale(img.convert("RGB").crop(edges), max_side)
+    return ImageResult(sha256=digest, data=_encode(crop, whole.format), format=whole.format, width=crop.width,
+                       height=crop.height, reencoded=True, box=box_record(edges))
 
 
 # --------------------------------------------------------------------------- internals

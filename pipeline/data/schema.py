@@ -27,6 +27,9 @@ class ImageRecord:
     # The item's part in its group: "original", "generated" or free text ("moderate", "radical"). Records written
     # before roles existed lack the feature and read as "" (feature_spec's default), so SCHEMA_VERSION stays.
     role: str = ""
+    # A crop of `path` (a manifest's box): `left,top,width,height` in pixels of that image; "" = the whole image.
+    # Records written before boxes existed read as "" too.
+    box: str = ""
 
 
 def shard_filename(split: str, index: int, count: int) -> str:
@@ -61,6 +64,7 @@ def serialize(record: ImageRecord) -> bytes:
         "text": b(record.text),
         "group": b(record.group),
         "role": b(record.role),
+        "box": b(record.box),
     }
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
@@ -72,7 +76,7 @@ def feature_spec() -> dict:
     n = tf.io.FixedLenFeature([], tf.int64, default_value=0)
     return {
         "image": s, "format": s, "label": n, "label_name": s, "id": s, "path": s,
-        "height": n, "width": n, "sha256": s, "text": s, "group": s, "role": s,
+        "height": n, "width": n, "sha256": s, "text": s, "group": s, "role": s, "box": s,
     }
 
 

@@ -18,7 +18,7 @@ log = logging.getLogger("embedlab.ingest")
 
 MANIFEST_COLUMNS = (
     "id", "split", "label", "label_name", "path", "sha256",
-    "width", "height", "format", "reencoded", "text", "group", "role",
+    "width", "height", "format", "reencoded", "text", "group", "role", "box",
 )
 REJECT_COLUMNS = ("path", "reason")
 
@@ -41,7 +41,7 @@ def image_record(a: Accepted, label_index: dict[str, int], spill) -> ImageRecord
         id=item.id, image=spill.read(a.length), format=a.format,
         label=label_index[item.label_name], label_name=item.label_name, path=item.path,
         height=a.height, width=a.width, sha256=a.sha256, text=item.text, group=item.group,
-        role=item.role,
+        role=item.role, box=a.box,
     )
 
 
@@ -80,7 +80,7 @@ def write_manifest(path: Path, by_split: dict[str, list[Accepted]], label_index:
                 item = a.item
                 writer.writerow([
                     item.id, split, label_index[item.label_name], item.label_name, item.path,
-                    a.sha256, a.width, a.height, a.format, a.reencoded, item.text, item.group, item.role,
+                    a.sha256, a.width, a.height, a.format, a.reencoded, item.text, item.group, item.role, a.box,
                 ])
 
 

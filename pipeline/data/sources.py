@@ -16,11 +16,12 @@ import numpy as np
 
 from pipeline.config import DataConfig
 from pipeline.core.run_dir import BUILTIN_DATASETS
+from pipeline.data.boxes import BOX_COLUMNS, Box, BoxError, box_item_id, parse_box
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
 MANIFEST_REQUIRED = ("path", "label")
-MANIFEST_OPTIONAL = ("text", "group", "id", "role")
+MANIFEST_OPTIONAL = ("text", "group", "id", "role", *BOX_COLUMNS)
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -55,9 +56,13 @@ class SourceItem:
     reject: str = ""                # non-empty: refused without decoding
     size: int = -1                  # file size and mtime_ns, for the fingerprint
     mtime_ns: int = -1
+    # A manifest's box (x, y, w, h): the item is that crop of `file` (pipeline/data/boxes.py).
+    box: Box | None = None
 
     @property
-    def payload(self) -> str | np.ndarray:
+    def payload(self) -> str | np.ndarray | tuple:
+        if self.box is not None:
+            return (self.file, self.box)
         return self.array if self.array is not None else self.file
 
 
@@ -85,7 +90,7 @@ def discover(data: DataConfig) -> list[SourceItem]:
     if kind == "builtin":
         return load_builtin(data.source)
     if kind == "manifest":
-        return list_manifest(data.source)
+        return list_manifest(data.source, data.box_units)
     return list_folder(data.source, data.label_from)
 
 
@@ -176,9 +181,11 @@ def read_manifest_table(path: str | os.PathLike):
     return frame.astype(str)
 
 
-def list_manifest(path: str | os.PathLike) -> list[SourceItem]:
-    """Rows of a `path,label[,text][,group][,id][,role]` table; relative paths resolve against
-    the manifest's folder. Row order is kept; a repeated id is rejected after its first use."""
+def list_manifest(path: str | os.PathLike, box_units: str = "pixels") -> list[SourceItem]:
+    """Rows of a `path,label[,text][,group][,id][,role][,x,y,w,h]` table; relative paths resolve against
+    the manifest's folder. Row order is kept; a repeated id is rejected after its first use. A row with a box is
+    the crop of its image (in `box_units`); without an `id` its id is the image's and the box
+    (`shirts/1.jpg#10,20,64,80`), so several boxes of one image are several items."""
     path = Path(path)
     base = path.resolve().parent
     frame = read_manifest_table(path)
@@ -188,8 +195,15 @@ def list_manifest(path: str | os.PathLike) -> list[SourceItem]:
         rel = row["path"].strip()
         label = row["label"].strip()
         item_id = row.get("id", "").strip() or PurePosixPath(rel.replace("\\", "/")).as_posix()
+        box_reject = ""
+        try:
+            box = parse_box(row, box_units)
+        except BoxError as exc:
+            box, box_reject = None, str(exc)
+        if box is not None and not row.get("id", "").strip():
+            item_id = box_item_id(item_id, box)
         fields = dict(
-            id=item_id, label_name=label,
+            id=item_id, label_name=label, box=box,
             text=row.get("text", ""), group=row.get("group", "").strip(), role=row.get("role", "").strip(),
         )
         if not rel:
@@ -201,6 +215,8 @@ def list_manifest(path: str | os.PathLike) -> list[SourceItem]:
             fields["reject"] = f"duplicate id {item_id!r}"
         elif not label:
             fields["reject"] = "empty label"
+        elif box_reject:
+            fields["reject"] = box_reject
         else:
             fields["reject"] = _extension_reject(rel)
         seen.add(item_id)

@@ -2,7 +2,10 @@
 
 Units. Items that share a `group` value, and exact duplicates (same sha256), are
 joined (union-find) into one unit; a unit is never split across splits, so the same
-picture can never sit in train and in test.
+picture can never sit in train and in test. With "stratified", crops of one source
+image (`source`) are joined too: two garments of one photo share its person and
+background, which would leak from train into test. "classes" does not join them, as
+crops of different labels would tie their classes into one block.
 
 "stratified": per class, each split gets its ratio of the class's images. Targets
 come from largest-remainder rounding of ratio * n_images (each the floor or ceiling
@@ -46,6 +49,7 @@ class SplitItem:
     label: str          # class name
     sha256: str = ""
     group: str = ""
+    source: str = ""    # for a crop, the image it was cut from
 
 
 @dataclass
@@ -96,13 +100,17 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def build_units(items: Sequence[SplitItem]) -> list[list[int]]:
-    """Indices of items joined by a shared group or an identical sha256, each unit
-    sorted, units ordered by their first index."""
+def build_units(items: Sequence[SplitItem], join_sources: bool = False) -> list[list[int]]:
+    """Indices of items joined by a shared group or an identical sha256 (and, with
+    `join_sources`, a shared source image), each unit sorted, units ordered by their
+    first index."""
     uf = _UnionFind(len(items))
     first: dict[tuple[str, str], int] = {}
     for i, item in enumerate(items):
-        for key in (("group", item.group), ("sha256", item.sha256)):
+        keys = [("group", item.group), ("sha256", item.sha256)]
+        if join_sources:
+            keys.append(("source", item.source))
+        for key in keys:
             if not key[1]:
                 continue
             if key in first:
@@ -146,7 +154,7 @@ def assign_splits(
         dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
         raise ValueError(f"item ids must be unique; repeated: {dupes[:5]}")
 
-    units = build_units(items)
+    units = build_units(items, join_sources=method == "stratified")
     if method == "stratified":
         split_of_unit = _stratified(items, units, ratios, seed)
     elif method == "classes":

@@ -15,7 +15,7 @@ from pipeline.data import schema
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Everything but the image bytes: what phase 1 stores next to each embedding.
-METADATA_KEYS = ("id", "label", "label_name", "path", "text", "group", "role")
+METADATA_KEYS = ("id", "label", "label_name", "path", "text", "group", "role", "box")
 # The splits training can use: "train" to learn from, "val" to validate on (when usable).
 TRAINING_SPLITS = ("train", "val")
 

@@ -45,6 +45,7 @@ class Accepted:
     reencoded: bool
     offset: int     # where the encoded bytes sit in the spill file
     length: int
+    box: str = ""   # a crop's box in its source image (`left,top,width,height` pixels); "" = the whole image
 
 
 def worker_count(data: DataConfig) -> int:
@@ -115,12 +116,13 @@ def validate(candidates: list[SourceItem], data: DataConfig, spill) -> tuple[lis
         good = Counter()
         for item, res in zip(batch, validator(batch)):
             if not res.ok:
-                rejects.append((item.path or item.id, res.reason))
+                # A box item names its box: several boxes of one image share its path.
+                rejects.append((item.id if item.box is not None else item.path or item.id, res.reason))
                 continue
             offset = spill.tell()
             spill.write(res.data)
             accepted.append(Accepted(
-                item, res.sha256, res.format, res.width, res.height, res.reencoded, offset, len(res.data),
+                item, res.sha256, res.format, res.width, res.height, res.reencoded, offset, len(res.data), res.box,
             ))
             good[item.label_name] += 1
         return good

@@ -3,11 +3,13 @@
 `--model best` takes the model with the highest test MAP@R (unit/cosine: what the bundle's inner-product
 index ranks by) among the run's phase-2 and phase-4 evaluations, passing over models that cannot be
 deployed (a random-initialised trunk: for tests and timing, not deployment); `--model <tag>` or
-`<backbone>[+<loss>]` names one. The collection is every item the model's embeddings hold (all splits),
-with those very vectors: nothing is re-embedded. The SavedModels are checked before the bundle is written:
-reloaded with plain `tf.saved_model.load`, the image model must give back the stored embeddings of sample
-collection images from their TFRecord bytes (≤ 1e-4 for float32 runs), and the text model the Python
-tokenizer's ids and the text tower's embeddings. A bundle already holding exactly this export is up to date.
+`<backbone>[+<loss>]` names one, or an ensemble's tag (`evaluate.ensembles`: its SavedModel runs every member and
+combines their embeddings in the graph; the card lists the members). The collection is every item the model's
+embeddings hold (all splits), with those very vectors: nothing is re-embedded. The SavedModels are checked
+before the bundle is written: reloaded with plain `tf.saved_model.load`, the image model must give back the
+stored embeddings of sample collection images from their TFRecord bytes (≤ 1e-4 for float32 runs), and the
+text model the Python tokenizer's ids and the text tower's embeddings. A bundle already holding exactly this
+export is up to date.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from pipeline.core import atomic
 from pipeline.core.artifacts import load_embeddings
 from pipeline.core.errors import ExportError, PhaseInputError
 from pipeline.core.run_dir import RunDir
+from pipeline.phases.ensemble import is_ensemble, member_tags
 from pipeline.serving.model_export import not_exportable
 
 log = logging.getLogger("embedlab.export")
@@ -52,6 +55,11 @@ def candidates(run_dir: RunDir) -> list[dict]:
 def unexportable(run_dir: RunDir, tag: str) -> str | None:
     """Why the model of embeddings `tag` cannot go into a bundle, or None."""
     meta = atomic.read_json(run_dir.embeddings_dir(tag) / "meta.json")
+    if is_ensemble(meta):   # every member must be deployable: the bundle runs them all
+        missing = [m for m in member_tags(meta) if not (run_dir.embeddings_dir(m) / "meta.json").is_file()]
+        reasons = [f"member {m} has no embeddings" for m in missing] + [
+            f"member {m}: {why}" for m in member_tags(meta) if m not in missing and (why := unexportable(run_dir, m))]
+        return "; ".join(reasons) or None
     if meta.get("trained"):
         model = run_dir.train_dir(meta["base_tag"], meta["loss"]) / "embedding_model.keras"
         base = atomic.read_json(run_dir.embeddings_dir(meta["base_tag"]) / "meta.json")
@@ -107,6 +115,8 @@ def serving_models(run_dir: RunDir, tag: str, meta: dict):
     from models.backbones import build_feature_extractor, get_spec
     from pipeline.serving.serving_model import embedding_output
 
+    if is_ensemble(meta):
+        return ensemble_serving_model(run_dir, meta), None, ensemble_phase1_meta(run_dir, meta)
     if meta.get("trained"):
         base = atomic.read_json(run_dir.embeddings_dir(meta["base_tag"]) / "meta.json")
         model_file = run_dir.train_dir(meta["base_tag"], meta["loss"]) / "embedding_model.keras"
@@ -118,6 +128,32 @@ def serving_models(run_dir: RunDir, tag: str, meta: dict):
     if extractor.image_size != meta.get("image_size"):
         raise ExportError(f"{tag}: rebuilt at {extractor.image_size} px, phase 1 ran at {meta.get('image_size')} px")
     return embedding_output(extractor.model), extractor.text, meta
+
+
+def ensemble_serving_model(run_dir: RunDir, meta: dict):
+    """Every member's image model joined in one graph that combines their embeddings (models/ensemble.py)."""
+    from models.ensemble import build_ensemble_model
+
+    members = []
+    for tag in member_tags(meta):
+        member_meta = atomic.read_json(run_dir.embeddings_dir(tag) / "meta.json")
+        model, _, _ = serving_models(run_dir, tag, member_meta)
+        members.append(model)
+    info = meta["ensemble"]
+    return build_ensemble_model(members, info["combine"], info["weights"], name="ensemble")
+
+
+def ensemble_phase1_meta(run_dir: RunDir, meta: dict) -> dict:
+    """What the card and the export check read of a phase-1 meta, for an ensemble: its members' backbones, the
+    weights they loaded, and the loosest storage / precision of any member."""
+    bases = []
+    for tag in member_tags(meta):
+        member = atomic.read_json(run_dir.embeddings_dir(tag) / "meta.json")
+        bases.append(atomic.read_json(run_dir.embeddings_dir(member["base_tag"]) / "meta.json")
+                     if member.get("trained") else member)
+    return {"backbone": [base.get("backbone") for base in bases], "weights_loaded": meta.get("weights_loaded"),
+            "mixed_precision": any(base.get("mixed_precision") for base in bases),
+            "dtype": "float16" if any(base.get("dtype") == "float16" for base in bases) else "float32"}
 
 
 def collection_images(dataset_dir: Path, items) -> Iterator[bytes]:
@@ -215,7 +251,7 @@ def run_export(config: RunConfig, model: str = "best", out: str | None = None, f
             "source": source, "selection": why, "backbone": phase1_meta.get("backbone"),
             "weights_loaded": phase1_meta.get("weights_loaded"), "loss": meta.get("loss") or "pretrained",
             "training": training, "image_size": image_size, "metrics": _metrics_of(run_dir, tag),
-            "export_check": check, "export_s": export_s,
+            "export_check": check, "export_s": export_s, "ensemble": meta.get("ensemble"),
             "models": {"image": {"folder": "image_model", "endpoints": list(IMAGE_ENDPOINTS),
                                  "serving_default": IMAGE_ENDPOINTS[0]},
                        "image_onnx": {"file": "image_model.onnx", "input": ONNX_INPUT, "output": ONNX_OUTPUT,
@@ -262,8 +298,14 @@ def _training_summary(run_dir: RunDir, meta: dict) -> dict | None:
         return None
     path = run_dir.train_dir(meta["base_tag"], meta["loss"]) / "training.json"
     summary = atomic.read_json(path) if path.is_file() else {}
-    return {"mode": meta.get("mode"), "loss": meta.get("loss"), "epochs_run": summary.get("epochs_run"),
-            "best_val": summary.get("best_val")}
+    # training.json names the mode phase 3 ran in (phase 4's meta says "finetune" for any image-level model); a
+    # distilled student's card names its teacher and the images/s both ran at after training.
+    card = {"mode": summary.get("mode") or meta.get("mode"), "loss": meta.get("loss"),
+            "epochs_run": summary.get("epochs_run"), "best_val": summary.get("best_val")}
+    if summary.get("teacher"):
+        card["teacher"] = summary["teacher"].get("spec")
+        card["speed"] = summary.get("speed")
+    return card
 
 
 

@@ -234,7 +234,9 @@ def _assemble(parts_dir: Path, shards: list[Path]):
     """(items, raw pooled features) of every shard's part, in shard order."""
     import pandas as pd
 
-    pooled, columns = [], {k: [] for k in ("split", "id", "label", "label_name", "path", "text", "group", "role")}
+    # "box": a crop's box in its source image (`path`), "" for whole images (pipeline/data/boxes.py).
+    keys = ("split", "id", "label", "label_name", "path", "text", "group", "role", "box")
+    pooled, columns = [], {k: [] for k in keys}
     for shard in shards:
         with np.load(parts_dir / f"{shard.stem}.npz") as part:
             pooled.append(part["pooled"])

@@ -78,7 +78,11 @@ def run_ingest(config: RunConfig, force: bool = False) -> Path:
         except SourceError as exc:
             raise IngestError(str(exc)) from exc
 
-    rejects = [(item.path or item.id, item.reject) for item in listed if item.reject]
+    detector_rejects = []
+    if data.detector:
+        listed, detector_rejects = _detected(listed, data)
+    rejects = [(item.id if item.box is not None else item.path or item.id, item.reject)
+               for item in listed if item.reject] + detector_rejects
     texts = check_texts([item for item in listed if not item.reject], data)
     candidates = texts.items
     if not candidates:
@@ -100,7 +104,8 @@ def run_ingest(config: RunConfig, force: bool = False) -> Path:
         label_index = {name: i for i, name in enumerate(classes)}
         try:
             result = assign_splits(
-                [SplitItem(a.item.id, a.item.label_name, a.sha256, a.item.group) for a in accepted],
+                [SplitItem(a.item.id, a.item.label_name, a.sha256, a.item.group, a.item.path if a.box else "")
+                 for a in accepted],
                 method=data.split, ratios=data.ratios, seed=data.seed, class_order=data.class_order,
             )
         except ValueError as exc:
@@ -122,6 +127,17 @@ def run_ingest(config: RunConfig, force: bool = False) -> Path:
     write_dataset_ref(run_dir, out, summary)
     _log_summary(out, summary, rejects)
     return out
+
+
+def _detected(listed: list[SourceItem], data: DataConfig) -> tuple[list[SourceItem], list[tuple[str, str]]]:
+    """The listing with each whole image replaced by its detections (pipeline/data/detector.py)."""
+    from pipeline.data.detector import DetectorError, detected_items, load_detector
+
+    try:
+        detector = load_detector(data.detector)
+        return detected_items(listed, detector, data.detector_threshold, data.detector_max_boxes)
+    except DetectorError as exc:
+        raise IngestError(str(exc)) from None
 
 
 def _current_build(out: Path, data: DataConfig, fingerprint: str) -> Path | None:
@@ -170,10 +186,20 @@ def _summary(data: DataConfig, kind: str, fingerprint: str, classes: list[str], 
         "classes_without_test_items": result.classes_without_test_items,
         "texts": text_summary([a.item for a in accepted], texts, data),
         "roles": role_summary([a.item for a in accepted]),
+        "boxes": box_summary(accepted, rejects, data),
         "shards": shards,
         "fingerprint": fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def box_summary(accepted: list[Accepted], rejects: list[tuple[str, str]], data: DataConfig) -> dict:
+    """dataset.json's "boxes": how many items are crops (of how many images), in which unit, and how many box
+    rows were refused for their box (the reasons, which all name the box, are in rejects.csv)."""
+    crops = [a for a in accepted if a.box]
+    refused = sum(1 for _, reason in rejects if "box" in reason)
+    return {"n_crops": len(crops), "n_source_images": len({a.item.path for a in crops}),
+            "units": data.box_units if crops or refused else "", "n_rejected_box_rows": refused}
 
 
 # --------------------------------------------------------------------------- idempotency
@@ -181,6 +207,10 @@ def _summary(data: DataConfig, kind: str, fingerprint: str, classes: list[str], 
 
 # The data settings about texts (see compute_fingerprint).
 TEXT_SETTINGS = ("max_text_chars", "text_prompt", "text_prompt_mode")
+# ... and about boxes: they enter only where the listing has boxes.
+BOX_SETTINGS = ("box_units",)
+# ... and about the detector: only when one is set.
+DETECTOR_SETTINGS = ("detector", "detector_threshold", "detector_max_boxes")
 
 
 def compute_fingerprint(data: DataConfig, listed: Sequence[SourceItem] | None) -> str:
@@ -192,13 +222,18 @@ def compute_fingerprint(data: DataConfig, listed: Sequence[SourceItem] | None) -
     text settings (and TEXT_RULES_VERSION) enter only where there are texts, or prompts to make.
     """
     h = hashlib.sha256()
-    settings = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("workers", *TEXT_SETTINGS)}
+    settings = {k: v for k, v in dataclasses.asdict(data).items()
+                if k not in ("workers", *TEXT_SETTINGS, *BOX_SETTINGS, *DETECTOR_SETTINGS)}
     h.update(json.dumps(
         {"settings": settings, "schema": SCHEMA_VERSION, "ingest": INGEST_VERSION}, sort_keys=True,
     ).encode())
     if data.text_prompt or any(item.text for item in listed or ()):
         text_settings = {k: getattr(data, k) for k in TEXT_SETTINGS}
         h.update(json.dumps({"texts": text_settings, "rules": TEXT_RULES_VERSION}, sort_keys=True).encode())
+    if data.detector:
+        h.update(json.dumps({"detector": {k: getattr(data, k) for k in DETECTOR_SETTINGS}}, sort_keys=True).encode())
+    if data.detector or any(item.box is not None for item in listed or ()):
+        h.update(json.dumps({"boxes": {k: getattr(data, k) for k in BOX_SETTINGS}}, sort_keys=True).encode())
     if listed is None:
         h.update(f"builtin:{data.source}".encode())
     else:
@@ -207,6 +242,8 @@ def compute_fingerprint(data: DataConfig, listed: Sequence[SourceItem] | None) -
                       item.reject, item.size, item.mtime_ns)
             if item.role:   # only where there is one, so sources without roles keep their fingerprints
                 fields += (item.role,)
+            if item.box is not None:
+                fields += (item.box.text(),)
             h.update(json.dumps(fields).encode() + b"\n")
     return h.hexdigest()
 

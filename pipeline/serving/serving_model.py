@@ -61,21 +61,42 @@ def model_image_size(model) -> int:
     return int(shape[1])
 
 
+def model_input_sizes(model) -> list[int]:
+    """The square size of every pixel input of an image model: one for a single model, one per distinct member
+    size (ascending) for an ensemble (models/ensemble.py `build_ensemble_model`)."""
+    sizes = []
+    for tensor in model.inputs:
+        shape = tensor.shape
+        if len(shape) != 4 or shape[1] is None or shape[1] != shape[2] or shape[3] != 3:
+            raise ValueError(f"model {model.name!r} takes {tuple(shape)}, not square RGB images")
+        sizes.append(int(shape[1]))
+    return sizes
+
+
 def write_image_saved_model(model, destination: str | Path) -> int:
-    """Write the image SavedModel of a single-output image model to `destination`; returns the image size."""
+    """Write the image SavedModel of a single-output image model to `destination`; returns the image size (the
+    largest, for an ensemble whose members read several sizes)."""
     import keras
     import tensorflow as tf
 
-    size = model_image_size(model)
+    sizes = model_input_sizes(model)
+    size = max(sizes)
+
+    def run(pixels_per_size):
+        inputs = pixels_per_size if len(sizes) > 1 else pixels_per_size[0]
+        return {"embedding": tf.cast(model(inputs, training=False), tf.float32)}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def embed_image_bytes(images):
-        pixels = decode_batch(images, size)   # the ONNX path decodes with this same function
-        return {"embedding": tf.cast(model(pixels, training=False), tf.float32)}
+        # Decoded once per size, straight from the bytes, as phase 1 decoded them for each member (the ONNX
+        # path decodes with this same function).
+        return run([decode_batch(images, s) for s in sizes])
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
     def embed_pixels(pixels):
-        return {"embedding": tf.cast(model(pixels, training=False), tf.float32)}
+        # An ensemble's smaller members get the pixels resized in the graph: close to, not exactly, what
+        # embed_image_bytes gives (which resizes the original image once).
+        return run([pixels if s == size else tf.image.resize(pixels, (s, s), antialias=True) for s in sizes])
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -215,6 +236,8 @@ def write_image_onnx(model, destination: str | Path, saved_model_dir: str | Path
               "opset": ONNX_OPSET, "reason": onnx_missing()}
     if record["reason"] is None and not len(encoded):
         record["reason"] = "no probe images to check it on"
+    if record["reason"] is None and len(model.inputs) > 1:
+        record["reason"] = "an ensemble whose members read several image sizes has no single pixel input"
     if record["reason"] is not None:
         log.warning("no %s: %s", destination.name, record["reason"])
         return record

@@ -184,3 +184,16 @@ def test_bad_arguments_raise():
         assign_splits(items + items[:1])
     with pytest.raises(ValueError, match="class_order"):
         assign_splits(items, "classes", class_order="alphabetical")
+
+
+def test_crops_of_one_image_share_a_split_when_stratified_but_not_when_class_disjoint():
+    # 40 photos, each cut into a shirt and a pants crop.
+    items = [SplitItem(f"p{i}#{part}", part, sha256=f"h{i}{part}", source=f"p{i}.jpg")
+             for i in range(40) for part in ("shirt", "pants")]
+    stratified = assign_splits(items, method="stratified", ratios=(0.5, 0.0, 0.5), seed=1).assignment
+    assert all(stratified[f"p{i}#shirt"] == stratified[f"p{i}#pants"] for i in range(40))
+    assert set(stratified.values()) == {"train", "test"}
+    assert len(build_units(items, join_sources=True)) == 40 and len(build_units(items)) == 80
+    disjoint = assign_splits(items, method="classes", ratios=(0.5, 0.0, 0.5), seed=1).assignment
+    # Class-disjoint: each class keeps to its own split, so the two crops of a photo part.
+    assert {disjoint[f"p{i}#shirt"] for i in range(40)} != {disjoint[f"p{i}#pants"] for i in range(40)}

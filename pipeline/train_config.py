@@ -9,14 +9,33 @@ from dataclasses import dataclass, field
 
 from pipeline.config_io import ConfigError
 
-__all__ = ["TrainConfig", "validate_training"]
+__all__ = ["HardNegativesConfig", "TrainConfig", "validate_training"]
 
 _CHOICES = {
+    "distill_match": ("cosine", "mse"),
     "head_type": ("projection", "transformer"),
     "head_pooling": ("cls", "attention"),
     "fusion": ("average", "concat", "gate"),
     "triplet_negatives": ("", "random", "hard"),
 }
+
+
+@dataclass
+class HardNegativesConfig:
+    """Where the hard-negative table that seeds the batches comes from (`train.hard_negatives`; used while
+    `train.hard_negative_share` > 0). Fingerprinted as a whole (TrainConfig.hard_negatives)."""
+
+    # "baseline": ranked once, under the phase-1 features. "current": the first `refresh_every` epochs use that
+    # ranking too; then every `refresh_every` epochs the training items are re-embedded with the model being
+    # trained and ranked again (pipeline/training/refresh.py), and the new table builds the following batches.
+    source: str = "baseline"
+    refresh_every: int = 1
+    # Share of each item's `hard_negatives_per_item` listed negatives replaced by random true negatives (seeded
+    # per table): a mix that keeps some easy negatives in front of the loss. 0 = only the hardest.
+    random_share: float = 0.0
+
+
+_HARD_NEGATIVES_DEFAULT = {"source": "baseline", "refresh_every": 1, "random_share": 0.0}
 
 
 @dataclass
@@ -93,6 +112,26 @@ class TrainConfig:
     hard_negative_share: float = field(default=0.0, metadata={"fingerprint": True, "omitted_at": 0.0})
     hard_negatives_per_item: int = field(default=10, metadata={"fingerprint": True,
                                                                 "used_if": "hard_negative_share"})
+    # The table's source and refresh (HardNegativesConfig above), e.g. {source: current, refresh_every: 2}.
+    hard_negatives: HardNegativesConfig = field(default_factory=HardNegativesConfig, metadata={
+        "fingerprint": True, "omitted_at": _HARD_NEGATIVES_DEFAULT, "used_if": "hard_negative_share"})
+    # Distillation (`mode: distill`, pipeline/training/distill.py): the teacher whose embedding space the student
+    # learns on the training images: a model of this run ("mobilenet-a0.25+arcface", as phase 4 names it, or a
+    # phase-1 tag), another run's ("RUN/TAG"), or a folder holding an embedding_model.keras.
+    teacher: str = field(default="", metadata={"fingerprint": True, "modes": ("distill",)})
+    # Which of extract.backbones are students (their tag or backbone name); "" = every backbone except the
+    # teacher's own. Not fingerprinted: each student's fingerprint holds its own backbone.
+    student: str = field(default="", metadata={"fingerprint": False, "modes": ("distill",)})
+    # The embedding-matching term: "cosine" (1 - cos) or "mse" between the (projected) student embedding and the
+    # teacher's; a learnable projection is trained alongside when the dimensions differ (not part of the student).
+    distill_match: str = field(default="cosine", metadata={"fingerprint": True, "modes": ("distill",)})
+    distill_match_weight: float = field(default=1.0, metadata={"fingerprint": True, "modes": ("distill",)})
+    # Relational KD (Park et al. 2019), distance-wise: pairwise distances within the batch, each set divided by
+    # its mean, matched with a Huber loss.
+    distill_relational_weight: float = field(default=1.0, metadata={"fingerprint": True, "modes": ("distill",)})
+    # Optionally also a metric-learning loss on the labels (a models.losses name; its train.loss_params apply).
+    distill_label_loss: str = field(default="", metadata={"fingerprint": True, "modes": ("distill",)})
+    distill_label_weight: float = field(default=1.0, metadata={"fingerprint": True, "modes": ("distill",)})
     # Finetune mode only. How many of the trunk's last units train, counted from the output
     # (BatchNormalization layers among them stay frozen); 0 trains the head alone, on images; a count
     # at or above the number of units trains the whole trunk. The units are the backbone's
@@ -100,12 +139,13 @@ class TrainConfig:
     # layers; for CLIP, input to output: patch+position embedding, pre layer norm, each transformer
     # block, post layer norm, projection. So for CLIP 1 = the projection, 2 = + post layer norm,
     # 2 + b = + the last b transformer blocks, blocks + 4 = the whole vision tower (28 for ViT-L/14).
-    finetune_layers: int = field(default=20, metadata={"fingerprint": True, "modes": ("finetune",)})
+    finetune_layers: int = field(default=20, metadata={"fingerprint": True, "modes": ("finetune", "distill")})
     # The trunk's learning rate; the head trains at `learning_rate` (one AdamW with a
     # per-variable multiplier, models/optimizers.py).
-    finetune_learning_rate: float = field(default=1e-4, metadata={"fingerprint": True, "modes": ("finetune",)})
+    finetune_learning_rate: float = field(default=1e-4, metadata={"fingerprint": True,
+                                                                  "modes": ("finetune", "distill")})
     # Random resized crop, horizontal flip and mild colour jitter of training images.
-    augment: bool = field(default=True, metadata={"fingerprint": True, "modes": ("finetune",)})
+    augment: bool = field(default=True, metadata={"fingerprint": True, "modes": ("finetune", "distill")})
     # After every epoch, the top-k neighbours (exact cosine search) of every validation item (the
     # items the epoch's val_P@1 / val_MAP@R score, leave-one-out), ranked by the model as it is at the
     # end of that epoch: results/retrieval_results_epoch_XX.json in the model's folder, a list of
@@ -131,6 +171,11 @@ class TrainConfig:
                                                  "modes": ("head",)})
     head_dropout: float = field(default=0.1, metadata={"fingerprint": True,
                                                        "only_with": ("head_type", "transformer"), "modes": ("head",)})
+    # Start the transformer head from the frozen pooled embedding (an orthogonal skip from the tokens' mean; the
+    # transformer branch learns a correction, starting at zero): see models/heads/transformer_projection.py.
+    head_residual: bool = field(default=False, metadata={"fingerprint": True, "omitted_at": False,
+                                                         "only_with": ("head_type", "transformer"),
+                                                         "modes": ("head",)})
     # Fuse each item's phase-1 text embedding (a CLIP backbone's text tower) with its image embedding
     # (models/heads/fusion.py; items without text keep their image embedding). `fusion`: "average", "concat"
     # or "gate". A loss that compares images with texts (multimodal_contrastive) then also gets the texts.
@@ -157,9 +202,9 @@ def validate_training(train: TrainConfig) -> None:
             raise ConfigError(f"train.{key} must be at least 2")
     if train.epochs < 1 or train.steps_per_epoch < 0 or train.embedding_dim < 0:
         raise ConfigError("train.epochs must be positive, train.embedding_dim and train.steps_per_epoch >= 0")
-    if train.embedding_dim == 0 and train.mode != "finetune":
-        raise ConfigError("train.embedding_dim 0 (no head) needs train.mode finetune: in head mode the head is "
-                          "all that trains")
+    if train.embedding_dim == 0 and train.mode == "head":
+        raise ConfigError("train.embedding_dim 0 (no head) needs train.mode finetune or distill: in head mode the "
+                          "head is all that trains")
     if train.epoch_results_top_k < 0:
         raise ConfigError(f"train.epoch_results_top_k must be >= 0 (0 = off), got {train.epoch_results_top_k}")
     if train.finetune_layers < 0 or train.finetune_learning_rate <= 0 or train.learning_rate <= 0:
@@ -171,8 +216,44 @@ def validate_training(train: TrainConfig) -> None:
     if train.head_layers < 1 or train.head_heads < 1 or train.head_width < 0 or not 0 <= train.head_dropout < 1:
         raise ConfigError("train.head_layers and train.head_heads must be >= 1, train.head_width >= 0 and "
                           "train.head_dropout in [0, 1)")
-    if train.mode == "finetune" and (train.head_type != "projection" or train.use_text):
+    if train.mode != "head" and (train.head_type != "projection" or train.use_text):
         raise ConfigError("train.head_type transformer and train.use_text are head-mode settings (they train on "
                           "phase 1's cached tokens and texts): use train.mode head")
     if train.anchor_originals and train.positives != "group":
         raise ConfigError("train.anchor_originals needs train.positives group (originals anchor their groups)")
+    _validate_hard_negatives(train)
+    _validate_distillation(train)
+
+
+def _validate_hard_negatives(train: TrainConfig) -> None:
+    if not 0.0 <= train.hard_negative_share <= 1.0:
+        raise ConfigError(f"train.hard_negative_share must lie in [0, 1], got {train.hard_negative_share}")
+    if train.hard_negatives_per_item < 1:
+        raise ConfigError("train.hard_negatives_per_item must be at least 1")
+    table = train.hard_negatives
+    if table.source not in ("baseline", "current"):
+        raise ConfigError(f"train.hard_negatives.source must be 'baseline' or 'current', got {table.source!r}")
+    if table.refresh_every < 1:
+        raise ConfigError(f"train.hard_negatives.refresh_every must be at least 1 (epochs), got {table.refresh_every}")
+    if not 0.0 <= table.random_share <= 1.0:
+        raise ConfigError(f"train.hard_negatives.random_share must lie in [0, 1], got {table.random_share}")
+    if (table.source != "baseline" or table.random_share > 0) and train.hard_negative_share <= 0:
+        raise ConfigError("train.hard_negatives needs train.hard_negative_share > 0 (--hard-negatives 0.5): without "
+                          "it no batch is seeded with hard negatives")
+    if table.source == "current" and train.mode == "distill":
+        raise ConfigError("train.hard_negatives.source current is for head and finetune modes; distillation "
+                          "follows its teacher")
+
+
+def _validate_distillation(train: TrainConfig) -> None:
+    if train.mode != "distill":
+        return
+    if not train.teacher.strip():
+        raise ConfigError("train.mode distill needs a teacher: --teacher TAG (a model of the run, e.g. "
+                          "mobilenet-a0.25+arcface), RUN/TAG or a folder with embedding_model.keras")
+    for key in ("distill_match_weight", "distill_relational_weight", "distill_label_weight"):
+        if not getattr(train, key) >= 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {getattr(train, key)!r}")
+    if train.distill_match_weight == 0 and train.distill_relational_weight == 0:
+        raise ConfigError("train.distill_match_weight and train.distill_relational_weight are both 0: the student "
+                          "would learn nothing from its teacher")

@@ -3,7 +3,9 @@
 Modules: base (the contract `BatchLoss.compute(embeddings, labels, ref_embeddings, ref_labels)`
 and the shared pair algebra), pair (triplet, contrastive, contrastive-softmax,
 multi-similarity), softmax (SupCon, InfoNCE), proxy (ArcFace), multimodal (images and texts:
-SiameseCLIP's multimodal contrastive loss), registry (LOSSES, get_loss).
+SiameseCLIP's multimodal contrastive loss), distill (a student's embeddings against a teacher's: matching,
+relational KD, optional label loss; trained by `mode: distill`, not listed in the registry of metric-learning
+losses), registry (LOSSES, get_loss).
 
 Names are resolved on first use (PEP 562), so `models.losses.registry.LOSS_NAMES` can be read
 without importing Keras.
@@ -17,6 +19,7 @@ _WHERE = {
     "ArcFaceLoss": "proxy",
     "InfoNCELoss": "softmax", "SupConLoss": "softmax",
     "MultimodalContrastiveLoss": "multimodal",
+    "DistillationLoss": "distill",
     "LOSSES": "registry", "LOSS_NAMES": "registry", "get_loss": "registry",
 }
 __all__ = sorted(_WHERE)

@@ -2,7 +2,8 @@
 
 "head" (pipeline/training/head.py) trains a head on the cached phase-1 features and, when
 `train.export` is on, exports the image-level model (backbone + head); "finetune"
-(pipeline/training/finetune.py) trains the trunk's last layers and the head on images.
+(pipeline/training/finetune.py) trains the trunk's last layers and the head on images; "distill"
+(pipeline/training/distill.py) trains each student backbone to reproduce `train.teacher`'s embeddings.
 """
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ def run_train(config: RunConfig, force: bool = False, *, extra_callbacks: Sequen
         strategy = training_strategy(settings.devices)
         if settings.mode == "finetune":
             return _train_finetune(config, run_dir, settings, strategy, force, extra_callbacks)
+        if settings.mode == "distill":
+            from pipeline.training.distill import students, train_distilled
+
+            return [train_distilled(run_dir, student, backbone_tag(student), settings, strategy, force=force,
+                                    extra_callbacks=extra_callbacks) for student in students(config)]
         return _train_heads(config, run_dir, settings, strategy, force, extra_callbacks)
 
 

@@ -207,11 +207,12 @@ def _replay_reduce_lr(callback, score: float, learning_rate: float | None) -> No
 
 
 def training_callbacks(out: Path, settings: TrainConfig, validator: RetrievalValidation, extra, resume,
-                       val_items=None) -> list:
+                       val_items=None, refresh=None) -> list:
     """The callbacks of one fit, in the order they must run; `resume` is loop.begin_training's Resume.
 
     `val_items` (the validation items' rows, with `id` and `label_name`, in the validator's order)
-    are needed when `train.epoch_results_top_k` writes per-epoch retrieval results.
+    are needed when `train.epoch_results_top_k` writes per-epoch retrieval results. `refresh`: the
+    hard-negative refresh (training/refresh.py), placed after early stopping and committed with each epoch.
     """
     previous = resume.history
     checkpoints = out / "checkpoints"
@@ -226,6 +227,7 @@ def training_callbacks(out: Path, settings: TrainConfig, validator: RetrievalVal
         *_epoch_results(out, settings, validator, val_items),
         early_stopping,
         reduce_lr,
+        *([] if refresh is None else [refresh]),
         PeriodicCheckpoint(str(checkpoints / "epoch_{epoch:03d}.weights.h5"), settings.checkpoint_every,
                            save_weights_only=True),
         # Before the backup's commit: if a run dies between the two, the epoch is logged
@@ -233,7 +235,7 @@ def training_callbacks(out: Path, settings: TrainConfig, validator: RetrievalVal
         keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
         # Last: it commits what the callbacks above produced (scores, learning rate).
         EpochBackup(out / "backup", checkpoints / "best.weights.h5", MONITOR, resume_from=resume.epoch or None,
-                    finished=resume.fit_finished),
+                    finished=resume.fit_finished, extras=None if refresh is None else {"hard_negatives": refresh}),
     ]
     if len(previous):
         callbacks.append(RestoreMonitorState(previous, early_stopping, reduce_lr))

@@ -11,7 +11,11 @@ all at once by atomically replacing `state.json`:
     backup/epoch_NNN.weights.h5        model and optimizer after epoch NNN (the last two are kept)
     backup/best_epoch_NNN.weights.h5   the best epoch so far by the monitored score
     backup/state.json                  {"epoch", "weights", "previous", "best": {"epoch", "value", "weights"},
-                                        "finished"}
+                                        "finished", "extras"}
+
+`extras`: other state that belongs to an epoch, committed with it (e.g. the hard-negative table in force,
+training/refresh.py): each provider writes its files into the folder and returns a record naming them
+("file"), kept in state.json (and in "previous") so the files are kept and found on resume.
 
 A file that `state.json` does not name belongs to an epoch that was never committed
 and is deleted on resume. When the fit ends normally, the best weights are published
@@ -63,9 +67,14 @@ def _named_files(state: dict) -> list[str]:
     names = [state["weights"]]
     if state.get("previous"):
         names.append(state["previous"]["weights"])
+        names.extend(_extra_files(state["previous"]))
     if state.get("best"):
         names.append(state["best"]["weights"])
-    return names
+    return names + _extra_files(state)
+
+
+def _extra_files(state: dict) -> list[str]:
+    return [record["file"] for record in (state.get("extras") or {}).values() if record.get("file")]
 
 
 class EpochBackup(keras.callbacks.Callback):
@@ -78,7 +87,7 @@ class EpochBackup(keras.callbacks.Callback):
     """
 
     def __init__(self, backup_dir: str | Path, best_path: str | Path, monitor: str, resume_from: int | None = None,
-                 finished: bool | None = None):
+                 finished: bool | None = None, extras: dict | None = None):
         super().__init__()
         self.backup_dir = Path(backup_dir)
         self.best_path = Path(best_path)
@@ -86,6 +95,8 @@ class EpochBackup(keras.callbacks.Callback):
         self.resume_from = resume_from
         # Whether the restored fit had already ended (then no epoch runs); None: as the state says.
         self.finished = finished
+        # name -> provider with commit(backup_dir) -> record (see the module docstring)
+        self.extras = dict(extras or {})
         self.state: dict | None = None
         self._diverged = False
 
@@ -102,7 +113,7 @@ class EpochBackup(keras.callbacks.Callback):
                 raise BackupError(f"{self.backup_dir}: epoch {self.resume_from} is not among the committed "
                                   f"backups (latest {state['epoch']})")
             state = {"epoch": previous["epoch"], "weights": previous["weights"], "previous": None,
-                     "best": previous.get("best"), "finished": False}
+                     "best": previous.get("best"), "finished": False, "extras": previous.get("extras") or {}}
             if state["best"] and not (self.backup_dir / state["best"]["weights"]).is_file():
                 raise BackupError(f"{self.backup_dir}: the best weights of epoch {previous['epoch']} are missing")
             atomic.write_json(self.backup_dir / STATE_FILE, state)   # committed before the newer files go
@@ -138,12 +149,14 @@ class EpochBackup(keras.callbacks.Callback):
             self._save(best["weights"])
         previous = None
         if self.state is not None:
-            previous = {"epoch": self.state["epoch"], "weights": self.state["weights"], "best": self.state.get("best")}
+            previous = {"epoch": self.state["epoch"], "weights": self.state["weights"], "best": self.state.get("best"),
+                        "extras": self.state.get("extras") or {}}
         # The last epoch, or early stopping's (it runs earlier in the list): committed as the
         # end of the fit, so a kill before on_train_end does not train on past the stop.
         finished = bool(self.model.stop_training) or completed >= (self.params or {}).get("epochs", completed + 1)
+        extras = {name: provider.commit(self.backup_dir) for name, provider in self.extras.items()}
         self.state = {"epoch": completed, "weights": weights, "previous": previous, "best": best,
-                      "finished": finished}
+                      "finished": finished, "extras": extras}
         atomic.write_json(self.backup_dir / STATE_FILE, self.state)   # the commit
         self._sweep()
 

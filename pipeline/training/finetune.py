@@ -47,6 +47,7 @@ from pipeline.training.loop import (begin_training, effective_jit, fingerprinted
                                     fit_checked, fit_summary, runtime_summary, training_record, write_history)
 from pipeline.training.objectives import objective_for
 from pipeline.training.protocol import batch_plan, hard_negatives, training_data
+from pipeline.training.refresh import group_codes, start_refresh
 
 log = logging.getLogger("embedlab.finetune")
 
@@ -58,11 +59,14 @@ MODE = "finetune"
 def image_batches(encoded: np.ndarray, labels: np.ndarray, image_size: int, n_classes_per_batch: int,
                   n_samples_per_class: int, seed: int, augment: bool, skip_batches: int = 0,
                   hard_negatives: np.ndarray | None = None, hard_negative_share: float = 0.0,
-                  first: int = 0, count: int | None = None):
+                  first: int = 0, count: int | None = None, negative_tables=None, batches_per_table: int = 0,
+                  targets: np.ndarray | None = None):
     """An endless dataset of (images float32 (n, S, S, 3) in 0..255, labels int32 (n,)), class-balanced.
 
     Each element is rows [first, first + count) of a global P x K batch (all of it by
-    default); under tf.distribute each worker decodes only its replicas' rows.
+    default); under tf.distribute each worker decodes only its replicas' rows. `negative_tables` /
+    `batches_per_table`: a refreshed hard-negative table (sampler.refreshed_batch_indices). `targets` (n, d):
+    per item a target vector (a teacher's embedding); each y row is then [label, target...] (float32).
     """
     import itertools
 
@@ -70,7 +74,8 @@ def image_batches(encoded: np.ndarray, labels: np.ndarray, image_size: int, n_cl
 
     from pipeline.data.augment import augment_image
     from pipeline.data.tfrecords import decode_and_resize
-    from pipeline.training.sampler import balanced_batch_indices, hard_negative_batch_indices
+    from pipeline.training.sampler import (balanced_batch_indices, hard_negative_batch_indices,
+                                           refreshed_batch_indices)
 
     labels = np.asarray(labels)
 
@@ -89,9 +94,16 @@ def image_batches(encoded: np.ndarray, labels: np.ndarray, image_size: int, n_cl
     # graph's 2 GB constant limit bounds this at roughly a million small JPEGs).
     bytes_table = tf.constant(encoded.astype(object).tolist(), dtype=tf.string)
     labels32 = tf.constant(labels.astype(np.int32))
+    target_table = None if targets is None else tf.constant(np.asarray(targets, dtype=np.float32))
+
+    def stream():
+        if negative_tables is not None:
+            return refreshed_batch_indices(labels, negative_tables, batches_per_table, hard_negative_share,
+                                           n_classes_per_batch, n_samples_per_class, seed, skip_batches)
+        return itertools.islice(batch_indices(), skip_batches, None)
 
     def rows():
-        for number, batch in enumerate(itertools.islice(batch_indices(), skip_batches, None), start=skip_batches):
+        for number, batch in enumerate(stream(), start=skip_batches):
             # Positions count drawn items from the run's start, so a resumed (or
             # distributed) stream keeps each item's augmentation seed.
             positions = number * batch_size + np.arange(first, first + count)
@@ -105,6 +117,10 @@ def image_batches(encoded: np.ndarray, labels: np.ndarray, image_size: int, n_cl
             image = augment_image(image, image_size, tf.stack([tf.cast(seed, tf.int64), position]))
         else:
             image = decode_and_resize(image_bytes, image_size)
+        if target_table is not None:
+            # One tensor [label, target...]: Keras matches a dict y against the model's output names.
+            label = tf.cast(tf.gather(labels32, row), tf.float32)
+            return image, tf.concat([tf.expand_dims(label, 0), tf.gather(target_table, row)], axis=0)
         return image, tf.gather(labels32, row)
 
     spec = tf.TensorSpec((count,), tf.int64)
@@ -220,9 +236,10 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
     data = training_data(items, settings, tag)
     train_rows, val_rows = data.train_rows, data.val_rows
     negatives = None
+    groups = group_codes(items, train_rows)
     if settings.hard_negative_share > 0:
         negatives = hard_negatives(baseline_features(run_dir, tag, items["id"].to_numpy()[train_rows]),
-                                   data.train_keys, settings)
+                                   data.train_keys, settings, groups)
     train_labels = objective.training_labels(data.train_keys)
 
     jit_compile = effective_jit(settings, strategy)
@@ -234,12 +251,20 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
         model = objective.compile(embedding_model, finetune_optimizer(trunk, settings), jit_compile)
 
     batches = batch_plan(settings, data)
+    # With train.hard_negatives.source current, the table is re-mined from the network being fine-tuned.
+    refresh = start_refresh(settings, out / "backup", resume_epoch, negatives, train_labels, groups,
+                            embed=lambda: embedding_model.predict(
+                                plain_images(encoded[train_rows], extractor.image_size), verbose=0))
+    if refresh is not None:
+        negatives = refresh.tables.latest()[1]
 
     def rows_of_each_batch(first: int, count: int):
         return image_batches(encoded[train_rows], train_labels, extractor.image_size, settings.n_classes_per_batch,
                              settings.n_samples_per_class, settings.seed, settings.augment,
                              skip_batches=resume_epoch * batches.steps, hard_negatives=negatives,
-                             hard_negative_share=settings.hard_negative_share, first=first, count=count)
+                             hard_negative_share=settings.hard_negative_share, first=first, count=count,
+                             negative_tables=None if refresh is None else refresh.tables.table_for,
+                             batches_per_table=settings.hard_negatives.refresh_every * batches.steps)
 
     dataset = distribute_global_batches(strategy, rows_of_each_batch, batches.size)
     val_images = plain_images(encoded[val_rows], extractor.image_size)
@@ -247,7 +272,7 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
                                     embed=lambda: embedding_model.predict(val_images, verbose=0),
                                     k=settings.epoch_results_top_k)
     callbacks = training_callbacks(out, settings, validator, extra_callbacks, started,
-                                   val_items=_with_label_names(items.iloc[val_rows], dataset_meta))
+                                   val_items=with_label_names(items.iloc[val_rows], dataset_meta), refresh=refresh)
     n_trainable = sum(int(np.prod(w.shape)) for w in trunk.trainable_weights)
     units = trunk_units(backbone_cfg, trunk)
     trainable_units = min(settings.finetune_layers, len(units))
@@ -256,11 +281,16 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
              loss_name, len(train_rows), data.n_train_classes, len(val_rows), data.validation["protocol"],
              batches.n_classes, settings.n_samples_per_class, batches.steps, trainable_units, len(units), n_trainable,
              "" if settings.embedding_dim else ", no head")
-    fit, history, seconds = fit_checked(
-        model, dataset, batches.steps, settings.epochs, callbacks, out, resume_epoch, f"{loss_name} fine-tuning {tag}",
-        f"Lower train.learning_rate and train.finetune_learning_rate, or change train.loss_params.{loss_name}")
+    try:
+        fit, history, seconds = fit_checked(
+            model, dataset, batches.steps, settings.epochs, callbacks, out, resume_epoch,
+            f"{loss_name} fine-tuning {tag}",
+            f"Lower train.learning_rate and train.finetune_learning_rate, or change train.loss_params.{loss_name}")
+    finally:
+        if refresh is not None:
+            refresh.tables.close()   # a batch generator waiting for a next table ends
     probe = next(iter(val_images if len(val_rows) else plain_images(encoded[train_rows[:8]], extractor.image_size)))
-    _save_model(embedding_model, out, probe.numpy()[:8], tag, loss_name, extractor.image_size,
+    save_image_model(embedding_model, out, probe.numpy()[:8], tag, loss_name, extractor.image_size,
                 settings.mixed_precision)
     write_history(out / "history.csv", history)
     plot_training_curves(history, out / "curves.png", f"{tag} · {loss_name} · finetune", before=validator.initial,
@@ -269,7 +299,7 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
     summary = training_record(
         tag=tag, mode=MODE, settings=settings, objective=objective, data=data, batches=batches,
         progress=fit_summary(history, fit, batches.steps, seconds, validator, settings.epochs, resume_epoch),
-        runtime=runtime_summary(settings, strategy, jit_compile, negatives), feature_dim=extractor.dim,
+        runtime=runtime_summary(settings, strategy, jit_compile, negatives, refresh), feature_dim=extractor.dim,
         fingerprint=fingerprint, mode_fields={
             "backbone_config": asdict(backbone_cfg), "weights_loaded": extractor.weights_loaded,
             "image_size": extractor.image_size,
@@ -286,7 +316,7 @@ def train_finetune(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, loss
     return finish_training(out, summary)
 
 
-def _with_label_names(items, dataset_meta: dict):
+def with_label_names(items, dataset_meta: dict):
     """`items` (read from the TFRecords: integer labels) with the class names phase 0 recorded."""
     classes = dataset_meta.get("classes")
     if not classes:
@@ -300,7 +330,7 @@ def _with_label_names(items, dataset_meta: dict):
 SERVED_TOLERANCE = {False: 1e-4, True: 1e-2}
 
 
-def _save_model(model, out: Path, probe: np.ndarray, tag: str, loss: str, image_size: int,
+def save_image_model(model, out: Path, probe: np.ndarray, tag: str, loss: str, image_size: int,
                 mixed_precision: bool = False) -> None:
     """embedding_model.keras, saved_model/ and export.json, each checked to reproduce the trained model."""
     from pipeline.serving.model_export import write_export_manifest, write_saved_model

@@ -51,6 +51,7 @@ from pipeline.training.loop import (begin_training, effective_jit, fingerprinted
 from pipeline.training.objectives import objective_for
 from pipeline.training.protocol import (batch_plan, group_anchors, hard_negatives, training_data,
                                        validation_triplets)
+from pipeline.training.refresh import group_codes, start_refresh
 
 log = logging.getLogger("embedlab.train")
 
@@ -109,7 +110,8 @@ def build_head(arrays: list, settings: TrainConfig, synchronized_bn: bool = Fals
     if settings.head_type == "transformer":
         head = build_transformer_head(shape, settings.embedding_dim, num_layers=settings.head_layers,
                                       num_heads=settings.head_heads, pooling=settings.head_pooling,
-                                      dropout=settings.head_dropout, width=settings.head_width)
+                                      dropout=settings.head_dropout, width=settings.head_width,
+                                      residual=settings.head_residual)
     else:
         head = build_embedding_head(shape[0], settings.embedding_dim, synchronized_bn=synchronized_bn)
     return build_fused_head(head, int(arrays[1].shape[1]), settings.fusion) if len(arrays) > 1 else head
@@ -150,7 +152,13 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
                                   jit_compile, inputs=inputs if len(inputs) > 1 else inputs[0])
 
     batches = batch_plan(settings, data)
-    negatives = hard_negatives(features[train_rows], train_labels, settings)
+    groups = group_codes(items, train_rows)
+    negatives = hard_negatives(features[train_rows], train_labels, settings, groups)
+    # With train.hard_negatives.source current, the table is re-mined from the head being trained.
+    refresh = start_refresh(settings, out / "backup", resume_epoch, negatives, train_labels, groups,
+                            embed=lambda: predict_rows(head, arrays, train_rows)[0])
+    if refresh is not None:
+        negatives = refresh.tables.latest()[1]
     anchors = None
     if settings.anchor_originals:
         anchors = np.searchsorted(train_rows, group_anchors(items, data.keys, train_rows))
@@ -161,7 +169,9 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
         ds = balanced_batches(tuple(arrays), train_labels, settings.n_classes_per_batch,
                               settings.n_samples_per_class, settings.seed, skip_batches=resume_epoch * batches.steps,
                               hard_negatives=negatives, hard_negative_share=settings.hard_negative_share,
-                              rows=train_rows, anchors=anchors)
+                              rows=train_rows, anchors=anchors,
+                              negative_tables=None if refresh is None else refresh.tables.table_for,
+                              batches_per_table=settings.hard_negatives.refresh_every * batches.steps)
         if count == batches.size:
             return ds
         return ds.map(lambda x, y: (tf.nest.map_structure(lambda a: a[first:first + count], x),
@@ -177,15 +187,20 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
                                        settings.seed)
     validator = RetrievalValidation(head, None, data.keys[val_rows], k=settings.epoch_results_top_k,
                                     embed=lambda: predict_rows(head, arrays, val_rows)[0], triplets=triplets)
-    callbacks = training_callbacks(out, settings, validator, extra_callbacks, started, val_items=items.iloc[val_rows])
+    callbacks = training_callbacks(out, settings, validator, extra_callbacks, started, val_items=items.iloc[val_rows],
+                                   refresh=refresh)
     log.info("phase 3: %s / %s: %s head on %s%s: %d training items (%d classes), %d validation items (%s)%s, "
              "batches of %d classes x %d, %d steps/epoch", tag, loss_name, settings.head_type, kind["image"],
              " + texts" if kind["text"] else "", len(train_rows), data.n_train_classes, len(val_rows),
              data.validation["protocol"], "" if triplets is None else f", {len(triplets)} validation triplets",
              batches.n_classes, settings.n_samples_per_class, batches.steps)
-    fit, history, seconds = fit_checked(
-        model, dataset, batches.steps, settings.epochs, callbacks, out, resume_epoch,
-        f"{loss_name} on {tag}", f"Lower train.learning_rate or change train.loss_params.{loss_name}")
+    try:
+        fit, history, seconds = fit_checked(
+            model, dataset, batches.steps, settings.epochs, callbacks, out, resume_epoch,
+            f"{loss_name} on {tag}", f"Lower train.learning_rate or change train.loss_params.{loss_name}")
+    finally:
+        if refresh is not None:
+            refresh.tables.close()   # a batch generator waiting for a next table ends
     _save_head(head, out / "head.keras", gather_rows(arrays, val_rows[:8] if val_rows.size else np.arange(8)))
     write_history(out / "history.csv", history)
     plot_training_curves(history, out / "curves.png", f"{tag} · {loss_name}", before=validator.initial,
@@ -194,7 +209,7 @@ def train_head(run_dir: RunDir, tag: str, phase1: dict, loss_name: str, settings
     summary = training_record(
         tag=tag, mode=MODE, settings=settings, objective=objective, data=data, batches=batches,
         progress=fit_summary(history, fit, batches.steps, seconds, validator, settings.epochs, resume_epoch),
-        runtime=runtime_summary(settings, strategy, jit_compile, negatives), feature_dim=features.shape[1],
+        runtime=runtime_summary(settings, strategy, jit_compile, negatives, refresh), feature_dim=features.shape[1],
         fingerprint=fingerprint,
         mode_fields={"phase1": {"dir": phase1["dir"].as_posix(), "fingerprint": meta.get("fingerprint")},
                      "head_input": {**kind, "shape": [int(d) for d in arrays[0].shape[1:]]},
@@ -207,7 +222,7 @@ def _save_head(head, path: Path, probe) -> None:
         head.save(tmp)
         # Checked before the rename: a head.keras that does not reload is never published.
         reloaded = keras.saving.load_model(tmp)
-        # Direct calls run on one device even after mirrored training (see finetune._save_model).
+        # Direct calls run on one device even after mirrored training (see finetune.save_image_model).
         if not np.allclose(np.asarray(reloaded(probe, training=False)), np.asarray(head(probe, training=False)),
                            atol=1e-5):
             raise RuntimeError(f"{path}: the saved head does not reproduce the trained head's embeddings")

@@ -32,7 +32,7 @@ from pipeline.training.checkpoints import read_state
 log = logging.getLogger("embedlab.train")
 
 RESUME_STAMP = "resume.json"
-# What an export (pipeline/serving/model_export.py, finetune's _save_model) adds to a model's folder.
+# What an export (pipeline/serving/model_export.py, finetune.save_image_model) adds to a model's folder.
 EXPORT_FILES = ("export.json", "embedding_model.keras", "saved_model")
 
 
@@ -240,14 +240,20 @@ def fit_summary(history, fit, steps: int, seconds: float, validator, epochs: int
     }
 
 
-def runtime_summary(settings: TrainConfig, strategy, jit_compile: bool, hard_negatives) -> dict:
-    """training.json fields on how the run was executed and batched."""
+def runtime_summary(settings: TrainConfig, strategy, jit_compile: bool, hard_negatives, refresh=None) -> dict:
+    """training.json fields on how the run was executed and batched (`refresh`: the hard-negative refresh
+    callback, training/refresh.py, whose log of refreshes is recorded)."""
+    negatives = None if hard_negatives is None else {
+        "share": settings.hard_negative_share, "per_item": int(hard_negatives.shape[1])}
+    if negatives is not None and dataclasses.asdict(settings.hard_negatives) != {
+            "source": "baseline", "refresh_every": 1, "random_share": 0.0}:
+        negatives.update(refresh.summary() if refresh is not None else {
+            "source": settings.hard_negatives.source, "random_share": settings.hard_negatives.random_share})
     return {
         "distribution": {"strategy": type(strategy).__name__, "replicas": int(strategy.num_replicas_in_sync)},
         "mixed_precision": settings.mixed_precision, "jit_compile": bool(jit_compile),
         "positives": settings.positives,
-        "hard_negatives": None if hard_negatives is None else {
-            "share": settings.hard_negative_share, "per_item": int(hard_negatives.shape[1])},
+        "hard_negatives": negatives,
     }
 
 

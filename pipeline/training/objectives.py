@@ -14,9 +14,13 @@ how it trains:
                           references, the items' projected texts (multimodal_contrastive with
                           `train.use_text`; models/heads/fusion.py)
 
-Another way of training is one more subclass: e.g. two towers (image and text, each
-embedded and compared across), or a teacher (a frozen model whose embeddings are the
-student's targets), each overriding `training_labels`, `training_model` and the summaries.
+    TeacherObjective      distillation (`mode: distill`): the loss sees the student's embeddings
+                          (and their projection to the teacher's width when the widths differ)
+                          against the teacher's cached embeddings of the same images
+                          (models/losses/distill.py); the projection is never part of the student
+
+Another way of training is one more subclass, overriding `training_labels`, `training_model`
+and the summaries.
 `objective_for` chooses the class from what the loss declares (`requires_classifier`).
 """
 from __future__ import annotations
@@ -137,6 +141,43 @@ def _both_towers_class():
             return self.loss(y, y_pred)
 
     return BothTowersLoss
+
+
+class TeacherObjective(EmbeddingObjective):
+    """Distillation: Keras's y holds each batch image's label and the teacher's embedding of it, and the
+    training model outputs {"embeddings"} plus {"projected"} (a bias-free Dense to the teacher's width) when
+    the student's width differs; the loss (DistillationLoss) is handed both dicts whole."""
+
+    kind = "teacher"
+
+    def __init__(self, loss, teacher_dim: int, teacher: dict):
+        super().__init__("distill", loss, loss.get_config())
+        self.teacher_dim, self.teacher = int(teacher_dim), dict(teacher)
+        self.projected = False
+
+    def fingerprint(self) -> dict:
+        return {**super().fingerprint(), "teacher": jsonable(self.teacher)}
+
+    def training_model(self, embedding_model, inputs=None):
+        import keras
+
+        embeddings = embedding_model.outputs[0]
+        outputs = {"embeddings": embeddings}
+        self.projected = int(embeddings.shape[-1]) != self.teacher_dim
+        if self.projected:
+            outputs["projected"] = keras.layers.Dense(self.teacher_dim, use_bias=False,
+                                                      name="teacher_projection")(embeddings)
+        return _both_towers_class()(embedding_model.inputs, outputs, name=f"{embedding_model.name}_distilled")
+
+    def metrics(self) -> list:
+        return []
+
+    def loss_summary(self) -> dict:
+        return {**super().loss_summary(), "teacher": jsonable(self.teacher)}
+
+    def model_summary(self) -> dict:
+        return {**super().model_summary(), "objective": self.kind, "teacher_dim": self.teacher_dim,
+                "projection": self.projected}
 
 
 def objective_for(loss_name: str, loss_params: dict | None = None, use_text: bool = False) -> EmbeddingObjective:

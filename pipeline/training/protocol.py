@@ -185,14 +185,23 @@ def batch_plan(settings: TrainConfig, data: TrainingData) -> BatchPlan:
     return BatchPlan(n_classes, size, settings.steps_per_epoch or math.ceil(len(data.train_rows) / size))
 
 
-def hard_negatives(embeddings: np.ndarray, keys: np.ndarray, settings: TrainConfig) -> np.ndarray | None:
-    """Each training item's top-ranked negatives under the phase-1 baseline (None when not seeding)."""
+def hard_negatives(embeddings: np.ndarray, keys: np.ndarray, settings: TrainConfig,
+                   groups: np.ndarray | None = None) -> np.ndarray | None:
+    """Each training item's top-ranked negatives under the phase-1 baseline (None when not seeding).
+
+    With `train.hard_negatives` other than its default (a refreshed table, random negatives mixed in), the
+    table is mined as every refresh mines it (training/mining.py `mine_hard_negatives`, items of the same
+    `groups` excluded too); otherwise exactly as before those settings existed."""
     if settings.hard_negative_share <= 0:
         return None
-    from pipeline.training.sampler import baseline_hard_negatives
+    from pipeline.training.mining import baseline_hard_negatives, mine_hard_negatives
 
     started = time.perf_counter()
-    ranked = baseline_hard_negatives(embeddings, keys, n_negatives=settings.hard_negatives_per_item)
+    if settings.hard_negatives.source != "baseline" or settings.hard_negatives.random_share > 0:
+        ranked, _ = mine_hard_negatives(embeddings, keys, settings.hard_negatives_per_item, groups=groups,
+                                        random_share=settings.hard_negatives.random_share, seed=settings.seed)
+    else:
+        ranked = baseline_hard_negatives(embeddings, keys, n_negatives=settings.hard_negatives_per_item)
     log.info("phase 3: ranked the baseline's %d hardest negatives of %d training items in %.1f s",
              settings.hard_negatives_per_item, len(keys), time.perf_counter() - started)
     return ranked
@@ -227,7 +236,7 @@ def validation_triplets(keys: np.ndarray, anchors: np.ndarray, baseline: np.ndar
     rng = np.random.default_rng(seed)
     hardest = None
     if negatives == "hard":
-        from pipeline.training.sampler import baseline_hard_negatives
+        from pipeline.training.mining import baseline_hard_negatives
 
         hardest = baseline_hard_negatives(baseline, keys, n_negatives=1)[:, 0]
     triplets = []

@@ -12,136 +12,28 @@ from them. Classes with a single item can form no positive pair and are left out
 
 Hard negatives: the negatives a loss learns most from are the items of other classes
 that the embedding puts closest, but P random classes out of 1,000 rarely include the
-few classes an item is confused with. `baseline_hard_negatives` ranks, for every item,
-the other-class items closest to it under the phase-1 baseline; `hard_negative_batch_indices`
+few classes an item is confused with. `baseline_hard_negatives` (training/mining.py) ranks, for every
+item, the other-class items closest to it under the phase-1 baseline; `hard_negative_batch_indices`
 builds each batch around an anchor item and fills a share of its class slots with the
 classes of the anchor's top-ranked negatives (those items included), the rest as usual.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 
 import numpy as np
 
+# The ranking lives in training/mining.py; imported here too, where it was first defined.
+from pipeline.training.mining import baseline_hard_negatives  # noqa: F401
+
 log = logging.getLogger("embedlab.sampler")
-
-# Unit vectors are rounded to multiples of 2**-11 before the similarity matmul. Every
-# product of two coordinates is then a multiple of 2**-22, and every partial sum of a
-# dot product stays below (2**11 + sqrt(d)/2)**2 such units (Cauchy-Schwarz on the
-# rounded vectors), well inside float32's 24-bit significand: the float32 matmul is
-# exact whatever order BLAS sums in. Unrounded, BLAS can give two identical columns
-# different last bits depending on where they sit. So the ranking depends neither on
-# chunk_size nor on the BLAS kernel, and duplicate embeddings tie exactly. The rounding
-# moves a cosine by ~1e-4.
-_UNIT_GRID = 2.0 ** -11
-# Every 8th column gives a cheap lower bound on each row's n-th largest similarity.
-_SAMPLE_STRIDE = 8
-
 
 def split_usable_classes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(classes with at least two items, classes with exactly one), both sorted."""
     classes, counts = np.unique(np.asarray(labels), return_counts=True)
     return classes[counts >= 2], classes[counts == 1]
-
-
-# --------------------------------------------------------------------------- hard negatives from the baseline
-
-def baseline_hard_negatives(
-    embeddings: np.ndarray,
-    labels: np.ndarray,
-    n_negatives: int = 10,
-    chunk_size: int = 1024,
-) -> np.ndarray:
-    """int64 (n, n_negatives): per row, the rows of other labels most cosine-similar to it, most similar first.
-
-    Equal similarities (duplicate embeddings, a zero row, which is equally similar to
-    everything) are ranked by lower row index. Rows with fewer than n_negatives items
-    of other labels are padded with -1. Queries are processed `chunk_size` rows at a
-    time against all rows, so memory is chunk_size x n, never n x n. Similarities are
-    those of the unit vectors rounded to multiples of 2**-11 (see _UNIT_GRID), which
-    makes the result exact and independent of chunk_size.
-    """
-    embeddings = np.asarray(embeddings)
-    labels = np.asarray(labels)
-    if embeddings.ndim != 2 or labels.shape != (len(embeddings),):
-        raise ValueError(f"embeddings must be (n, d) with one label per row; got {embeddings.shape} and {labels.shape}")
-    if n_negatives < 1 or chunk_size < 1:
-        raise ValueError(f"n_negatives and chunk_size must be at least 1, got {n_negatives} and {chunk_size}")
-    if not np.isfinite(embeddings).all():
-        raise ValueError("embeddings hold NaN or infinite values")
-    unit = _grid_unit_rows(embeddings)
-    hard = np.empty((len(unit), n_negatives), dtype=np.int64)
-    for start in range(0, len(unit), chunk_size):
-        stop = min(start + chunk_size, len(unit))
-        similarities = unit[start:stop] @ unit.T
-        # Items of the query's own label are its positives (the query included).
-        similarities[labels[start:stop, None] == labels[None, :]] = -np.inf
-        hard[start:stop] = _top_columns(similarities, n_negatives)
-    return hard
-
-
-def _grid_unit_rows(embeddings: np.ndarray) -> np.ndarray:
-    """float32 rows scaled to unit length (zero rows stay zero), rounded to multiples of _UNIT_GRID."""
-    rows = embeddings.astype(np.float64)  # a copy, scaled in place below
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    np.divide(rows, norms, out=rows, where=norms > 0)
-    np.multiply(rows, 1 / _UNIT_GRID, out=rows)
-    np.round(rows, out=rows)
-    return (rows * _UNIT_GRID).astype(np.float32)
-
-
-def _top_columns(values: np.ndarray, n_top: int) -> np.ndarray:
-    """Per row, the columns of its n_top largest finite values, largest first, equal values by lower column; -1 pads.
-
-    Selecting in full rows (argpartition) costs more than the matmul, so each row's
-    n_top-th largest value is first bounded from below on a strided sample of its
-    columns: a subset's n_top-th largest can't exceed the whole row's, so every top
-    column (ties included) is at or above the bound, and only ~n_top * stride columns
-    pass it. Those candidates are sorted exactly. Rows where too many columns pass
-    (many equal values, or too few finite ones in the sample) are done one by one.
-    """
-    n_rows, n_cols = values.shape
-    top = np.full((n_rows, n_top), -1, dtype=np.int64)
-    stride = _SAMPLE_STRIDE if n_cols >= 2 * _SAMPLE_STRIDE * n_top else 1
-    sample = values[:, ::stride]
-    kth = sample.shape[1] - n_top
-    if kth >= 0:
-        floor = np.partition(sample, kth, axis=1)[:, kth]
-    else:
-        floor = np.full(n_rows, -np.inf, dtype=values.dtype)
-    candidates = values >= floor[:, None]
-    # About n_top * stride columns pass in a typical row; eight times that means ties or too few finite values.
-    crowded = np.flatnonzero(candidates.sum(axis=1) > 8 * n_top * stride)
-    candidates[crowded] = False
-    # flatnonzero of the flat mask is ~10x faster than a 2-D np.nonzero.
-    flat = np.flatnonzero(candidates)
-    rows, cols = np.divmod(flat, n_cols)
-    candidate_values = values.reshape(-1)[flat]
-    order = np.lexsort((cols, -candidate_values, rows))
-    rows, cols, candidate_values = rows[order], cols[order], candidate_values[order]
-    rank = np.arange(rows.size) - np.searchsorted(rows, rows)  # position within the row's run
-    keep = (rank < n_top) & (candidate_values > -np.inf)
-    top[rows[keep], rank[keep]] = cols[keep]
-    for row in crowded:
-        top[row] = _top_columns_of_row(values[row], n_top)
-    return top
-
-
-def _top_columns_of_row(row_values: np.ndarray, n_top: int) -> np.ndarray:
-    """_top_columns for one row, exact threshold first: for rows with many equal values."""
-    top = np.full(n_top, -1, dtype=np.int64)
-    finite = np.flatnonzero(row_values > -np.inf)
-    if finite.size <= n_top:
-        chosen = finite
-    else:
-        kth = row_values.size - n_top
-        threshold = np.partition(row_values, kth)[kth]
-        above = np.flatnonzero(row_values > threshold)
-        chosen = np.concatenate([above, np.flatnonzero(row_values == threshold)[:n_top - above.size]])
-    ranked = chosen[np.lexsort((chosen, -row_values[chosen]))]
-    top[:ranked.size] = ranked
-    return top
 
 
 # --------------------------------------------------------------------------- batch index streams
@@ -351,6 +243,46 @@ def _generate(labels: np.ndarray, usable: np.ndarray, n_classes: int, k: int, se
         yield batch
 
 
+def table_seed(seed: int, table: int):
+    """The seed of the batch stream built on hard-negative table number `table`: table 0 keeps `seed` itself,
+    so a run whose table is never refreshed draws exactly the once-mined stream."""
+    return seed if table == 0 else [int(seed), int(table)]
+
+
+def refreshed_batch_indices(
+    labels: np.ndarray,
+    table_for,
+    batches_per_table: int,
+    share: float,
+    n_classes_per_batch: int,
+    n_samples_per_class: int,
+    seed: int,
+    skip_batches: int = 0,
+    anchors: np.ndarray | None = None,
+) -> Iterator[np.ndarray]:
+    """hard_negative_batch_indices over a table that is replaced every `batches_per_table` batches.
+
+    Batches [t * B, (t + 1) * B) come from table t (`table_for(t)`, which may wait until that table exists,
+    and returns None to end the stream), in a stream seeded by table_seed(seed, t). Each table's stream
+    depends only on the seed and that table, so a run resumed at any batch needs only the table in force
+    there, not the history of earlier tables.
+    """
+    if batches_per_table < 1:
+        raise ValueError(f"batches_per_table must be at least 1, got {batches_per_table}")
+    labels, usable, n_classes = _batch_layout(labels, n_classes_per_batch, n_samples_per_class)
+    n_hard = _hard_slot_count(share, n_classes)
+    table_number, offset = divmod(int(skip_batches), batches_per_table)
+    while True:
+        table = table_for(table_number)
+        if table is None:
+            return
+        stream = _generate(labels, usable, n_classes, n_samples_per_class, table_seed(seed, table_number),
+                           hard_negatives=np.asarray(table, dtype=np.int64), n_hard=n_hard, anchors=anchors)
+        yield from itertools.islice(stream, offset, batches_per_table)
+        # The stream of table t is consumed from its start, so the skipped batches draw what they drew.
+        table_number, offset = table_number + 1, 0
+
+
 def balanced_batches(
     features: np.ndarray,
     labels: np.ndarray,
@@ -363,6 +295,8 @@ def balanced_batches(
     *,
     rows: np.ndarray | None = None,
     anchors: np.ndarray | None = None,
+    negative_tables=None,
+    batches_per_table: int = 0,
 ):
     """An endless `tf.data.Dataset` of (features float32 (P*K, ...), labels int32 (P*K,)).
 
@@ -375,7 +309,10 @@ def balanced_batches(
     starts the stream that many batches in (a resumed training run sees the batches
     it would have seen had it not been interrupted). With `hard_negatives` (rows
     index `labels`, as baseline_hard_negatives returns) and a positive
-    `hard_negative_share`, batches come from hard_negative_batch_indices.
+    `hard_negative_share`, batches come from hard_negative_batch_indices. With `negative_tables` (a function
+    table number -> table, e.g. refresh.NegativeTables.table_for) the table is replaced every
+    `batches_per_table` batches (refreshed_batch_indices; `hard_negatives` is then the table in force at
+    `skip_batches`, used to check the layout).
     """
     import tensorflow as tf
 
@@ -402,11 +339,14 @@ def balanced_batches(
     labels32 = labels.astype(np.int32)
 
     def generate():
-        import itertools
-
-        batches = _generate(labels, split_usable_classes(labels)[0], n_classes, n_samples_per_class, seed,
-                            hard_negatives=hard_negatives, n_hard=n_hard, anchors=anchors)
-        for batch in itertools.islice(batches, skip_batches, None):
+        if negative_tables is not None:
+            batches = refreshed_batch_indices(labels, negative_tables, batches_per_table, hard_negative_share,
+                                              n_classes, n_samples_per_class, seed, skip_batches, anchors)
+        else:
+            batches = itertools.islice(
+                _generate(labels, split_usable_classes(labels)[0], n_classes, n_samples_per_class, seed,
+                          hard_negatives=hard_negatives, n_hard=n_hard, anchors=anchors), skip_batches, None)
+        for batch in batches:
             # Gathering in numpy keeps the arrays out of the TensorFlow graph, whose
             # constants are limited to 2 GB; a memory map reads only these rows.
             x = tuple(np.asarray(a[rows[batch]], dtype=np.float32) for a in arrays)

@@ -845,3 +845,72 @@ def test_compiled_model_with_arcface_saves_and_loads(tmp_path):
     restored = keras.models.load_model(tmp_path / "arcface.keras")
     np.testing.assert_allclose(np.asarray(restored(x)), np.asarray(model(x)), rtol=1e-6)
     assert isinstance(restored.loss, ArcFaceLoss) and restored.loss.margin == 0.3
+
+
+# --------------------------------------------------------------------------- distillation (models/losses/distill.py)
+
+def ref_match(s, t, kind):
+    if kind == "cosine":
+        return float(np.mean([1 - s[i] @ t[i] / np.linalg.norm(s[i]) / np.linalg.norm(t[i]) for i in range(len(s))]))
+    return float(np.mean((s - t) ** 2))
+
+
+def ref_rkd_distance(s, t):
+    """Park et al.'s distance-wise RKD, pair by pair: distances over their mean (i != j), Huber (delta 1)."""
+    n = len(s)
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    ds = np.array([np.linalg.norm(s[i] - s[j]) for i, j in pairs])
+    dt = np.array([np.linalg.norm(t[i] - t[j]) for i, j in pairs])
+    diff = np.abs(ds / ds.mean() - dt / dt.mean())
+    return float(np.mean(np.where(diff < 1, 0.5 * diff ** 2, diff - 0.5)))
+
+
+@pytest.mark.parametrize("match", ["cosine", "mse"])
+@pytest.mark.parametrize("project", [False, True])
+def test_distillation_loss_matches_numpy_references(match, project):
+    from models.losses.distill import DistillationLoss
+
+    rng = np.random.default_rng(5)
+    x, y = clustered_batch(3, n=12, dim=8)
+    teacher = rng.normal(size=(12, 6 if project else 8)).astype("float32")
+    teacher /= np.linalg.norm(teacher, axis=1, keepdims=True)
+    projected = rng.normal(size=(12, 6)).astype("float32") if project else None
+    loss = DistillationLoss(match=match, match_weight=0.7, relational_weight=1.3, label_loss="supcon",
+                            label_weight=0.5)
+    y_pred = {"embeddings": x, **({"projected": projected} if project else {})}
+    got = float(loss({"labels": y, "teacher": teacher}, y_pred))
+    matched = projected if project else x
+    expected = (0.7 * ref_match(matched.astype("float64"), teacher.astype("float64"), match)
+                + 1.3 * ref_rkd_distance(x.astype("float64"), teacher.astype("float64"))
+                + 0.5 * ref_supcon(x.astype("float64"), y))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    terms = loss.terms(x, teacher, y, projected)
+    np.testing.assert_allclose(float(terms["relational"]), ref_rkd_distance(x.astype("float64"),
+                                                                            teacher.astype("float64")), rtol=1e-4)
+
+
+def test_relational_term_ignores_scale_and_is_zero_for_the_teacher_itself():
+    from models.losses.distill import relational_term
+
+    x, _ = clustered_batch(1, n=10, dim=8)
+    assert float(relational_term(x, x)) < 1e-6
+    assert float(relational_term(3.0 * x, x)) < 1e-6, "distances are compared after dividing by their mean"
+    # Duplicate rows (zero distances) keep value and gradient finite.
+    dup = np.concatenate([x[:4], x[:4]])
+    value, grad = loss_and_grad(lambda yy, e: relational_term(e, dup[::-1].copy()), np.zeros(8), dup)
+    assert np.isfinite(value) and np.isfinite(grad).all()
+
+
+def test_distillation_loss_config_round_trip_and_bad_settings():
+    import keras
+
+    from models.losses.distill import DistillationLoss
+
+    loss = DistillationLoss(match="mse", relational_weight=0.0, label_loss="triplet",
+                            label_loss_params={"margin": 0.3})
+    again = keras.losses.deserialize(keras.losses.serialize(loss))
+    assert again.get_config() == loss.get_config()
+    with pytest.raises(ValueError, match="unknown match"):
+        DistillationLoss(match="kl")
+    with pytest.raises(ValueError, match="classifier"):
+        DistillationLoss(label_loss="arcface")

@@ -77,8 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--loss", action="append", metavar="NAME",
                            help="loss to train (repeatable): triplet, contrastive, contrastive_softmax, arcface, "
                                 "multisimilarity, supcon, infonce")
+            # Phases 4 and 5 take the mode too: it says which trained models they evaluate and compare.
+            g.add_argument("--mode", choices=["head", "finetune", "distill"],
+                           help="head: frozen backbone, cached features; finetune: trunk + head on images; distill: "
+                                "students learn --teacher's embedding space (phases 4-5: the models of that mode)")
+            g.add_argument("--teacher", metavar="TAG",
+                           help="distill: the teacher, a model of the run (e.g. mobilenet-a0.25-224-imagenet+arcface), "
+                                "RUN/TAG, or a folder with embedding_model.keras")
+            g.add_argument("--student", metavar="BACKBONE",
+                           help="distill: the student backbone (its tag or name among the run's backbones; default: "
+                                "all but the teacher's)")
         if offers(name, TRAINING):
-            g.add_argument("--mode", choices=["head", "finetune"], help="head: frozen backbone, cached features")
             g.add_argument("--epochs", type=int, help="maximum training epochs (early stopping may end sooner)")
             g.add_argument("--positives", choices=["label", "group"],
                            help="positive pairs share a class label, or a group (an original and its variants)")
@@ -191,7 +200,7 @@ def config_from_args(args):
         "max_side": "data.max_side", "limit_per_class": "data.limit_per_class",
         "batch_size": "extract.batch_size", "k": "evaluate.k", "gallery": "evaluate.gallery_splits",
         "mode": "train.mode", "epochs": "train.epochs", "positives": "train.positives",
-        "hard_negatives": "train.hard_negative_share",
+        "hard_negatives": "train.hard_negative_share", "teacher": "train.teacher", "student": "train.student",
     }
     for attr, key in flag_settings.items():
         value = getattr(args, attr, None)

@@ -16,8 +16,9 @@ from models.backbones import DEFAULT_BACKBONE, get_spec
 from pipeline.config_io import ConfigError, from_dict, parse_value, read_yaml_file, set_field, to_dict
 from pipeline.train_config import TrainConfig, validate_training
 
-__all__ = ["ConfigError", "DataConfig", "BackboneConfig", "ExtractConfig", "EvaluateConfig", "TrainConfig",
-           "RunConfig", "load_config", "apply_override", "validate", "validate_losses", "to_dict", "from_dict"]
+__all__ = ["ConfigError", "DataConfig", "BackboneConfig", "ExtractConfig", "EnsembleConfig", "EvaluateConfig",
+           "TrainConfig", "RunConfig", "load_config", "apply_override", "validate", "validate_losses", "to_dict",
+           "from_dict"]
 
 
 @dataclass
@@ -55,6 +56,15 @@ class DataConfig:
     # field; underscores in class names become spaces.
     text_prompt: str = ""
     text_prompt_mode: str = "missing"
+    # The unit of a manifest's boxes (`x, y, w, h` columns, one item per box): "pixels" or "fractions" of the
+    # image's width and height. Said, never guessed from the values (a 1-pixel box at 0,0 reads as a whole image).
+    box_units: str = "pixels"
+    # Boxes from an object detector (pipeline/data/detector.py): a keras-hub ObjectDetector preset name or folder
+    # ("" = none). Each whole image becomes one item per detection (confidence >= detector_threshold, at most
+    # detector_max_boxes, best first), labelled with the image's class; an image without one is a reject.
+    detector: str = ""
+    detector_threshold: float = 0.5
+    detector_max_boxes: int = 5
 
 
 @dataclass(init=False)
@@ -154,6 +164,26 @@ class ExtractConfig:
 
 
 @dataclass
+class EnsembleConfig:
+    """One ensemble of embedding spaces, evaluated (phases 2/4), compared (phase 5) and exported as one more model:
+    its members' unit vectors, weighted, combined and re-normalised (pipeline/vectors/ensemble.py)."""
+
+    # Embedding tags of this run: phase-1 backbones (`mobilenet-a0.25-224-imagenet`) and trained models of
+    # phase 3 (`<backbone tag>+<loss>`). An ensemble of phase-1 members is evaluated in phase 2, one with a trained
+    # member in phase 4.
+    members: list[str] = field(default_factory=list)
+    # "concat" (Σ d_i dimensions) or "mean" (members of one dimension, averaged).
+    combine: str = "concat"
+    # One positive weight per member; [] = equal weights.
+    weights: list[float] = field(default_factory=list)
+    # Its embedding tag (folder name); derived from the members when empty.
+    name: str = ""
+
+    def tag(self) -> str:
+        return self.name or f"ens-{self.combine}-" + "__".join(self.members)
+
+
+@dataclass
 class EvaluateConfig:
     """Phase 2: retrieval metrics, diagnostics, plots and the HTML report."""
 
@@ -173,6 +203,16 @@ class EvaluateConfig:
     grid_queries: int = 8
     kmeans: bool = True
     seed: int = 0
+    # Category re-ranking measured beside the plain ranking (seed 003's hard category mask): any of
+    # "filter" (the predicted category first) and "boost" (+rerank_boost to its scores); [] = not measured.
+    # Each mode is one more retrieval pass over the unit vectors.
+    rerank: list[str] = field(default_factory=list)
+    rerank_boost: float = 0.1
+    # Neighbours whose majority label is a query's predicted category.
+    rerank_vote_k: int = 10
+    # Ensembles of this run's embedding spaces, each evaluated as one more entry (EnsembleConfig). Not part of any
+    # evaluation's fingerprint: which ensembles exist changes no other set's numbers.
+    ensembles: list[EnsembleConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -222,6 +262,8 @@ def apply_override(config: RunConfig, dotted: str, value: Any) -> None:
             raise ConfigError(f"unknown setting {dotted!r}")
         set_field(backbone, key, value, dotted)
         return
+    if dotted == "evaluate.ensembles" and isinstance(value, str):
+        value = parse_value(value, dotted)   # a YAML list of mappings, not a comma-separated list
     parts = dotted.split(".")
     target: Any = config
     for part in parts[:-1]:
@@ -257,9 +299,10 @@ _CHOICES = {
     ("data", "class_order"): ("shuffled", "sorted"),
     ("data", "label_from"): ("first", "parent"),
     ("data", "text_prompt_mode"): ("missing", "all"),
+    ("data", "box_units"): ("pixels", "fractions"),
     ("extract", "dtype"): ("float32", "float16"),
     ("extract", "index"): ("flat", "hnsw", "ivfpq", "auto"),
-    ("train", "mode"): ("head", "finetune"),
+    ("train", "mode"): ("head", "finetune", "distill"),
     ("train", "positives"): ("label", "group"),
 }
 
@@ -282,6 +325,8 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"data.{key} must not be negative")
     if config.data.shard_size < 1:
         raise ConfigError("data.shard_size must be at least 1")
+    if not 0.0 <= config.data.detector_threshold <= 1.0 or config.data.detector_max_boxes < 1:
+        raise ConfigError("data.detector_threshold must lie in [0, 1] and data.detector_max_boxes be at least 1")
     if config.data.max_text_chars < 1:
         raise ConfigError("data.max_text_chars must be at least 1")
     _validate_prompt(config.data.text_prompt, "data.text_prompt", required=False)
@@ -292,15 +337,19 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("evaluate.k must be at least 1")
     if config.evaluate.max_queries < 0:
         raise ConfigError("evaluate.max_queries must be >= 0 (0 = every query)")
+    bad_modes = [m for m in config.evaluate.rerank if m not in ("filter", "boost")]
+    if bad_modes:
+        raise ConfigError(f"evaluate.rerank: unknown mode(s) {bad_modes}; expected some of filter, boost")
+    if not config.evaluate.rerank_boost > 0:
+        raise ConfigError("evaluate.rerank_boost must be > 0")
+    if config.evaluate.rerank_vote_k < 1:
+        raise ConfigError("evaluate.rerank_vote_k must be at least 1")
+    _validate_ensembles(config)
     if not config.extract.backbones:
         raise ConfigError("extract.backbones is empty")
     for index, backbone in enumerate(config.extract.backbones):
         _validate_backbone(backbone, f"extract.backbones[{index}]")
     validate_training(config.train)
-    if not 0.0 <= config.train.hard_negative_share <= 1.0:
-        raise ConfigError(f"train.hard_negative_share must lie in [0, 1], got {config.train.hard_negative_share}")
-    if config.train.hard_negatives_per_item < 1:
-        raise ConfigError("train.hard_negatives_per_item must be at least 1")
     for p in config.evaluate.projections:
         if p not in ("pca", "tsne", "umap"):
             raise ConfigError(f"evaluate.projections: unknown method {p!r}")
@@ -320,6 +369,29 @@ def _validate_prompt(template: str, where: str, required: bool) -> None:
     if others or not fields:
         raise ConfigError(f"{where}: {template!r} must name the class as {{label}} and hold no other field"
                           + (f" (found {', '.join(others)})" if others else ""))
+
+
+def _validate_ensembles(config: RunConfig) -> None:
+    """Each ensemble: two or more distinct members, a known combine, one positive weight per member (or none), a tag
+    that names no member and no other ensemble. Whether the members exist (and mean's equal dimensions) is
+    checked by the phase that combines them, before it evaluates anything."""
+    tags: set[str] = set()
+    for index, ensemble in enumerate(config.evaluate.ensembles):
+        where = f"evaluate.ensembles[{index}]"
+        members = ensemble.members
+        if len(members) < 2 or len(set(members)) != len(members) or not all(members):
+            raise ConfigError(f"{where}.members: two or more distinct embedding tags, got {members}")
+        if ensemble.combine not in ("concat", "mean"):
+            raise ConfigError(f"{where}.combine must be 'concat' or 'mean', got {ensemble.combine!r}")
+        if ensemble.weights and (len(ensemble.weights) != len(members)
+                                 or not all(0 < w < float("inf") for w in ensemble.weights)):
+            raise ConfigError(f"{where}.weights: one positive number per member ({len(members)}), "
+                              f"got {ensemble.weights}")
+        tag = ensemble.tag()
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", tag) or tag in tags or tag in members:
+            raise ConfigError(f"{where}: tag {tag!r} must be unique, name no member, and hold only letters, "
+                              "digits, '.', '_', '+' and '-' (set `name`)")
+        tags.add(tag)
 
 
 def _validate_backbone(backbone: BackboneConfig, where: str) -> None:
@@ -342,3 +414,6 @@ def validate_losses(config: RunConfig) -> None:
     unknown = [name for name in config.train.losses if name not in LOSS_NAMES]
     if unknown:
         raise ConfigError(f"train.losses: unknown loss {unknown}; known: {sorted(LOSS_NAMES)}")
+    label_loss = config.train.distill_label_loss
+    if label_loss and label_loss not in LOSS_NAMES:
+        raise ConfigError(f"train.distill_label_loss: unknown loss {label_loss!r}; known: {sorted(LOSS_NAMES)}")

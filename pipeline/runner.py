@@ -155,7 +155,8 @@ def check_tool(args: Namespace, config: RunConfig | None) -> None:
     """Every check of a tool's arguments that needs no TensorFlow; ConfigError (one line) for the first
     that fails."""
     from pipeline.phases.infer import parse_filters
-    from pipeline.serving.bundle import ITEM_COLUMNS, BundleError, current_version
+    from pipeline.core.errors import BundleError
+    from pipeline.serving.bundle import ITEM_COLUMNS, current_version
 
     if args.phase == "export":
         if not RunDir(config).root.is_dir():

@@ -10,6 +10,14 @@ real token: padded tokens are never attended to, so what they hold cannot change
 
 Pooling: "cls" prepends a learned class token and reads it after the blocks (ViT, BERT); "attention"
 pools the block outputs with one learned query through multi-head attention (Lee et al. 2019, "PMA").
+
+`residual`: the head starts as the frozen embedding and learns a correction to it. A bias-free Dense with an
+orthogonal initial kernel ("skip") maps the mean of the real tokens — for a CNN, exactly its global-average
+pooled embedding, up to a positive factor — to embedding_dim, and the transformer branch's last projection
+starts at zero; so before training the head's unit vectors have the frozen embedding's cosines exactly (an
+orthogonal map keeps inner products when embedding_dim >= C), and training moves away from that space only as
+far as the loss asks. On a few hundred training groups a head trained from scratch can lose the fine detail
+the frozen space had (seed 000's near-duplicates); this keeps it (BENCHMARKS 15).
 The blocks use keras.layers.MultiHeadAttention; they compute in the global dtype policy (float16 under
 mixed precision) and the L2 normalisation after the head in float32.
 """
@@ -32,6 +40,14 @@ def _key_mask(padding_mask, n_queries: int):
     """(batch, n_queries, T) bool attention mask from a (batch, T) padding mask: every query sees the real keys."""
     keys = ops.expand_dims(ops.cast(padding_mask, "bool"), 1)
     return ops.logical_and(keys, ops.ones((1, n_queries, 1), dtype="bool"))
+
+
+def _mean_of_real(x, padding_mask):
+    """(batch, C) mean of each item's real tokens (all of them without a mask)."""
+    if padding_mask is None:
+        return ops.mean(x, axis=1)
+    weights = ops.expand_dims(ops.cast(padding_mask, x.dtype), -1)
+    return ops.sum(x * weights, axis=1) / ops.maximum(ops.sum(weights, axis=1), ops.cast(1.0, x.dtype))
 
 
 @keras.saving.register_keras_serializable(package="embedlab")
@@ -107,12 +123,14 @@ class TransformerProjection(keras.layers.Layer):
     """Tokens (batch, T, C) or a vector (batch, C) -> (batch, embedding_dim), before L2 normalisation.
 
     `width`: the blocks' width (0 = C, the tokens' own); `positional`: add a learned embedding per token
-    position (T > 1 only; the sequence length is then fixed at build). Call with `padding_mask`
-    (batch, T), True for real tokens, to leave padding out.
+    position (T > 1 only; the sequence length is then fixed at build); `residual`: start from the frozen
+    embedding (see the module docstring). Call with `padding_mask` (batch, T), True for real tokens, to
+    leave padding out.
     """
 
     def __init__(self, embedding_dim: int = 512, num_layers: int = 2, num_heads: int = 8, mlp_ratio: float = 4.0,
-                 dropout: float = 0.1, pooling: str = "cls", width: int = 0, positional: bool = True, **kwargs):
+                 dropout: float = 0.1, pooling: str = "cls", width: int = 0, positional: bool = True,
+                 residual: bool = False, **kwargs):
         super().__init__(**kwargs)
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
@@ -121,7 +139,7 @@ class TransformerProjection(keras.layers.Layer):
                              f"{embedding_dim}, {num_heads}, {num_layers}, {width}")
         self.embedding_dim, self.num_layers, self.num_heads = int(embedding_dim), int(num_layers), int(num_heads)
         self.mlp_ratio, self.dropout, self.pooling = float(mlp_ratio), float(dropout), pooling
-        self.width, self.positional = int(width), bool(positional)
+        self.width, self.positional, self.residual = int(width), bool(positional), bool(residual)
 
     def build(self, input_shape):
         channels = int(input_shape[-1])
@@ -155,8 +173,14 @@ class TransformerProjection(keras.layers.Layer):
             self.pool_attention.build((None, 1, width), (None, n_tokens, width))
         self.output_norm = keras.layers.LayerNormalization(epsilon=1e-6, dtype=policy, name="output_norm")
         self.output_norm.build((None, width))
-        self.projection = keras.layers.Dense(self.embedding_dim, dtype=policy, name="projection")
+        self.projection = keras.layers.Dense(self.embedding_dim, dtype=policy, name="projection",
+                                             kernel_initializer="zeros" if self.residual else "glorot_uniform")
         self.projection.build((None, width))
+        self.skip = None
+        if self.residual:
+            self.skip = keras.layers.Dense(self.embedding_dim, use_bias=False, dtype=policy, name="skip",
+                                           kernel_initializer=keras.initializers.Orthogonal())
+            self.skip.build((None, channels))
         super().build(input_shape)
 
     def call(self, tokens, padding_mask=None, training=None):
@@ -165,6 +189,7 @@ class TransformerProjection(keras.layers.Layer):
             x = ops.expand_dims(x, 1)
             padding_mask = None   # one token: nothing to pad
         batch = ops.shape(x)[0]
+        skipped = None if self.skip is None else self.skip(_mean_of_real(x, padding_mask))
         x = self.input_norm(x)
         if self.input_projection is not None:
             x = self.input_projection(x)
@@ -186,7 +211,8 @@ class TransformerProjection(keras.layers.Layer):
             query = ops.broadcast_to(ops.cast(self.pool_query, x.dtype), (batch, 1, x.shape[-1]))
             pool_mask = None if padding_mask is None else _key_mask(padding_mask, 1)
             pooled = self.pool_attention(query, x, attention_mask=pool_mask, training=training)[:, 0]
-        return self.projection(self.output_norm(pooled))
+        out = self.projection(self.output_norm(pooled))
+        return out if skipped is None else out + skipped
 
     def compute_output_shape(self, tokens_shape, padding_mask_shape=None):
         return (tokens_shape[0], self.embedding_dim)
@@ -194,12 +220,13 @@ class TransformerProjection(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "embedding_dim": self.embedding_dim, "num_layers": self.num_layers,
                 "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio, "dropout": self.dropout,
-                "pooling": self.pooling, "width": self.width, "positional": self.positional}
+                "pooling": self.pooling, "width": self.width, "positional": self.positional,
+                "residual": self.residual}
 
 
 def build_transformer_head(token_shape: tuple[int, ...], embedding_dim: int = 512, *, num_layers: int = 2,
                            num_heads: int = 8, pooling: str = "cls", dropout: float = 0.1, width: int = 0,
-                           mlp_ratio: float = 4.0, padding_mask: bool = False,
+                           mlp_ratio: float = 4.0, padding_mask: bool = False, residual: bool = False,
                            name: str = "transformer_head") -> keras.Model:
     """Tokens (batch, *token_shape) -> unit vectors (batch, embedding_dim), float32 under any policy.
 
@@ -209,7 +236,7 @@ def build_transformer_head(token_shape: tuple[int, ...], embedding_dim: int = 51
     tokens = keras.Input(shape=tuple(token_shape), name="tokens")
     inputs = [tokens]
     projection = TransformerProjection(embedding_dim, num_layers, num_heads, mlp_ratio, dropout, pooling, width,
-                                       name="transformer_projection")
+                                       residual=residual, name="transformer_projection")
     if padding_mask:
         if len(token_shape) != 2:
             raise ValueError("a padding mask needs token sequences: token_shape (T, C)")

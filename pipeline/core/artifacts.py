@@ -32,7 +32,8 @@ DATASET_REF_JSON = "dataset_ref.json"
 META_JSON = "meta.json"
 ITEMS_CSV = "items.csv"
 # Text columns stay text ("001" is a class name, not 1; an empty group is "", not NaN).
-ITEMS_DTYPES = {"id": str, "split": str, "label_name": str, "path": str, "text": str, "group": str, "role": str}
+ITEMS_DTYPES = {"id": str, "split": str, "label_name": str, "path": str, "text": str, "group": str, "role": str,
+                "box": str}
 TEXT_EMBEDDINGS_NPY = "text_embeddings.npy"
 CLASS_PROMPTS_NPY = "class_prompt_embeddings.npy"
 TOKENS_NPY = "tokens.npy"
@@ -97,9 +98,11 @@ def extraction_fingerprint(dataset_meta: dict, backbone, settings, text: dict | 
 
 
 def evaluation_fingerprint(emb_meta: dict, settings) -> str:
-    """What a metrics.json was computed from: these embeddings, under these settings."""
+    """What a metrics.json was computed from: these embeddings, under these settings (not the list of ensembles,
+    which changes no set's evaluation; an ensemble's own members and combination are in its embeddings' fingerprint)."""
+    fields = {k: v for k, v in dataclasses.asdict(settings).items() if k != "ensembles"}
     return fingerprint_of({"embeddings": emb_meta.get("fingerprint"), "created": emb_meta.get("created"),
-                           "settings": dataclasses.asdict(settings)})
+                           "settings": fields})
 
 
 def trained_embeddings_fingerprint(training: dict, extract) -> str:

@@ -20,3 +20,7 @@ class TrainingDivergedError(RuntimeError):
 
 class ExportError(RuntimeError):
     """The composed model does not reproduce the embeddings it was trained to give."""
+
+
+class BundleError(PhaseInputError, ValueError):
+    """A bundle that is missing, corrupt, or cannot take the change asked of it (one line)."""

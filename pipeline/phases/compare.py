@@ -16,7 +16,8 @@ from pipeline.config import RunConfig
 from pipeline.core import atomic
 from pipeline.core.artifacts import evaluation_fingerprint, trained_embeddings_match, trained_tag
 from pipeline.core.errors import PhaseInputError
-from pipeline.core.run_dir import RunDir, backbone_tag
+from pipeline.core.run_dir import RunDir
+from pipeline.phases.ensemble import ensemble_entries
 from pipeline.reporting.compare_view import PRETRAINED
 
 log = logging.getLogger("embedlab.compare")
@@ -24,12 +25,14 @@ log = logging.getLogger("embedlab.compare")
 
 def collect(config: RunConfig) -> list[dict]:
     """One entry per (backbone, loss) model with its phase-2/4 metrics and, for trained models, its
-    training.json; pretrained first."""
+    training.json; pretrained first, ensembles last."""
     run_dir = RunDir(config)
     models = []
-    for backbone in config.extract.backbones:
-        tag = backbone_tag(backbone)
-        for loss in [PRETRAINED, *config.train.losses]:
+    from pipeline.training.distill import compared_model_groups
+
+    # Under train.mode distill: every backbone's pretrained model, the teacher and the distilled students.
+    for tag, losses in compared_model_groups(config, PRETRAINED):
+        for loss in losses:
             eval_tag = tag if loss == PRETRAINED else trained_tag(tag, loss)
             path = run_dir.eval_dir(eval_tag) / "metrics.json"
             if not path.is_file():
@@ -40,7 +43,8 @@ def collect(config: RunConfig) -> list[dict]:
             training = _check_current(run_dir, config, tag, loss, eval_tag, metrics)
             models.append({"backbone": tag, "loss": loss, "eval_tag": eval_tag, "eval_dir": path.parent,
                            "metrics": metrics, "training": training})
-    return models
+    # evaluate.ensembles: one more entry each (loss "ensemble"), checked to be of its members as they are now.
+    return models + ensemble_entries(run_dir, config)
 
 
 def _check_current(run_dir: RunDir, config: RunConfig, tag: str, loss: str, eval_tag: str,

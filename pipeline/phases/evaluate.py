@@ -30,6 +30,7 @@ pipeline/reporting for pictures, sentences and the page) and writes the results.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from datetime import datetime, timezone
@@ -53,6 +54,10 @@ log = logging.getLogger("embedlab.evaluate")
 # Queries whose unit/euclidean ranking is really computed to check the unit identity.
 IDENTITY_SAMPLE = 500
 
+# t-SNE/UMAP (a process of their own) start once retrieval, which keeps both cores busy, is done: from then on the
+# main process works mostly on one core and the projections get the other (BENCHMARKS 18: as fast, 300 MB less peak).
+PROJECTIONS_BESIDE_RETRIEVAL = False
+
 # variant name -> (which stored array, distance)
 VARIANTS = {
     "unit/cosine": ("unit", "cosine"),
@@ -66,13 +71,13 @@ def run_evaluate(config: RunConfig, force: bool = False, command: str = "") -> P
     from pipeline.reporting.figures import report_section
     from pipeline.reporting.plots import plot_metric_bars
     from pipeline.reporting.report import render_report
+    from pipeline.phases.ensemble import write_ensembles   # evaluate.ensembles: checked before any set is evaluated
 
     run_dir = RunDir(config)
     dataset_meta = load_dataset_meta(run_dir)
     report_dir = run_dir.report_dir
     sections = []
-    for backbone in config.extract.backbones:
-        tag = backbone_tag(backbone)
+    for tag in [*map(backbone_tag, config.extract.backbones), *write_ensembles(run_dir, dataset_meta, False, force)]:
         eval_dir = evaluate_backbone(run_dir, tag, config.evaluate, force=force, dataset_meta=dataset_meta)
         metrics = atomic.read_json(eval_dir / "metrics.json")
         sections.append(report_section(tag, eval_dir, metrics, report_dir))
@@ -103,6 +108,7 @@ def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force
     from pipeline.reporting.group_plots import start_group_projection
     from pipeline.reporting.readings import scoring_note
     from pipeline.vectors.diagnostics import clustering_scores, embedding_diagnostics
+    from pipeline.vectors.rerank_eval import evaluate_reranking
     from pipeline.vectors.retrieval import check_unit_identity, euclidean_from_cosine, retrieve
 
     emb_dir = run_dir.embeddings_dir(tag)
@@ -134,7 +140,7 @@ def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force
 
     timings = {}
     started = time.perf_counter()
-    projection_rows, projections, plot_notes = start_projections(unit, labels, query_rows, settings)
+    early = start_projections(unit, labels, query_rows, settings) if PROJECTIONS_BESIDE_RETRIEVAL else None
     originals = items["role"].map(is_original).to_numpy(bool)
     group_projection = start_group_projection(unit, items, originals, query_rows, settings) if grouped else None
 
@@ -163,21 +169,17 @@ def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force
         unit_identity["unit_euclidean"] = "computed"
     results["raw/euclidean"] = rank("raw/euclidean")
     timings["retrieval"] = time.perf_counter() - started
-    topk_agreement = identity.n_identical / identity.n_sampled if identity.n_sampled else 1.0
+    projection_rows, projections, plot_notes = early or start_projections(unit, labels, query_rows, settings)
     note = scoring_note(labels[query_rows], labels[gallery_rows], results["unit/cosine"].per_query["n_relevant"],
                         bool((exclude >= 0).any()), settings.query_split)
 
     started = time.perf_counter()
-    diagnostics = {
-        "unit": embedding_diagnostics(unit[gallery_rows], labels[gallery_rows],
-                                      k_occurrence=results["unit/cosine"].k_occurrence),
-        "raw": embedding_diagnostics(raw[gallery_rows], labels[gallery_rows],
-                                     k_occurrence=results["raw/euclidean"].k_occurrence),
-    }
-    clustering = {}
-    if settings.kmeans:
+    with projections.sharing_cores():   # t-SNE/UMAP run beside, in their process
+        diagnostics = {which: embedding_diagnostics(arrays[which][gallery_rows], labels[gallery_rows],
+                                                    k_occurrence=results[variant].k_occurrence)
+                       for which, variant in (("unit", "unit/cosine"), ("raw", "raw/euclidean"))}
         clustering = {which: clustering_scores(arrays[which][query_rows], labels[query_rows], seed=settings.seed)
-                      for which in ("unit", "raw")}
+                      for which in ("unit", "raw") if settings.kmeans}
     timings["diagnostics"] = time.perf_counter() - started
 
     _write_neighbours(out, items, query_rows, gallery_rows, results)
@@ -218,7 +220,7 @@ def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force
         # From the sampled identity check (unit_identity): the rankings agree up to float rounding,
         # and the share of sampled top-k lists identical index for index.
         "rankings_identical_unit": identity.holds,
-        "topk_agreement_unit": topk_agreement,
+        "topk_agreement_unit": identity.n_identical / identity.n_sampled if identity.n_sampled else 1.0,
         "unit_identity": unit_identity,
         "clustering": clustering,
         "diagnostics": diagnostics,
@@ -236,6 +238,12 @@ def evaluate_backbone(run_dir: RunDir, tag: str, settings: EvaluateConfig, force
                                             exclude, results["unit/cosine"].neighbours, group_projection, settings,
                                             tag, dataset_meta)
         timings["groups"] = time.perf_counter() - started
+    if settings.rerank:
+        started = time.perf_counter()
+        metrics["rerank"] = evaluate_reranking(unit[query_rows], labels[query_rows], unit[gallery_rows],
+                                               labels[gallery_rows], exclude=exclude, settings=settings,
+                                               baseline=results["unit/cosine"].metrics)
+        timings["rerank"] = time.perf_counter() - started
     texts = load_text_embeddings(emb_dir, items, emb_meta)
     if texts is not None:
         started = time.perf_counter()
@@ -260,18 +268,16 @@ def sample_queries(query_rows: np.ndarray, labels: np.ndarray,
                    settings: EvaluateConfig) -> tuple[np.ndarray, dict | None]:
     """The queries to score and metrics.json's "query_sample": all of them (None) unless
     `max_queries` is set and smaller, then a class-stratified sample seeded by `seed`."""
-    from pipeline.vectors.projections import stratified_sample
+    from pipeline.vectors.projections import sample_rows
 
     limit = settings.max_queries
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
         raise PhaseInputError(f"evaluate.max_queries must be a non-negative integer (0 = all), got {limit!r}")
-    if limit == 0 or limit >= len(query_rows):
-        return query_rows, None
-    chosen = query_rows[stratified_sample(labels[query_rows], limit, seed=settings.seed)]
-    log.info("phase 2: %d of %d queries, stratified by class (seed %d)", len(chosen), len(query_rows), settings.seed)
-    return chosen, {"max_queries": limit, "n_available": int(len(query_rows)), "n_sampled": int(len(chosen)),
-                    "method": "stratified by class", "seed": settings.seed,
-                    "n_classes": int(len(np.unique(labels[query_rows])))}
+    chosen, drawn = sample_rows(query_rows, labels, limit, settings.seed)
+    if drawn:
+        log.info("phase 2: %d of %d queries, stratified by class (seed %d)", len(chosen), len(query_rows),
+                 settings.seed)
+    return chosen, drawn
 
 
 def score_groups(run_dir: RunDir, out: Path, emb_meta: dict, items, unit: np.ndarray, originals: np.ndarray,
@@ -351,13 +357,14 @@ def _write_neighbours(out: Path, items, query_rows, gallery_rows, results) -> No
             "score": result.neighbour_scores.reshape(-1)[keep],
             "correct": labels[q_idx][keep] == labels[n_idx[keep]],
         }))
-        for record, row, scores in zip(records, rows_in_items, result.neighbour_scores):
-            record[variant] = [{"id": ids[r], "label": labels[r], "score": round(float(s), 6)}
-                               for r, s in zip(row, scores) if r >= 0]
+        rounded = np.round(result.neighbour_scores.astype(np.float64), 6).tolist()
+        for record, row, scores in zip(records, rows_in_items.tolist(), rounded):
+            record[variant] = [{"id": ids[r], "label": labels[r], "score": s} for r, s in zip(row, scores) if r >= 0]
     table = pd.concat(frames, ignore_index=True)
     with atomic.atomic_open(out / "neighbours.csv", "w", encoding="utf-8", newline="") as f:
         table.to_csv(f, index=False, float_format="%.6f")
-    atomic.write_json(out / "neighbours.json", records, indent=None)
+    # json.dumps (ids and labels are str) runs the C encoder; json.dump always the pure-Python one (3x the CPU).
+    atomic.write_text(out / "neighbours.json", json.dumps(records))
 
 
 def evaluate_texts(out: Path, dataset_dir: Path, items, unit: np.ndarray, texts: dict, query_rows: np.ndarray,

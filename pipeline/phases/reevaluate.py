@@ -28,7 +28,8 @@ from pipeline.core.artifacts import (  # noqa: F401  (trained_tag, trained_embed
     write_embedding_artifacts, remove_text_artifacts, TEXT_EMBEDDINGS_NPY, CLASS_PROMPTS_NPY,
 )
 from pipeline.core.errors import PhaseInputError
-from pipeline.core.run_dir import RunDir, backbone_tag
+from pipeline.core.run_dir import RunDir
+from pipeline.phases.ensemble import write_ensembles
 from pipeline.phases.evaluate import evaluate_backbone
 
 log = logging.getLogger("embedlab.reevaluate")
@@ -127,14 +128,16 @@ def run_reevaluate(config: RunConfig, force: bool = False) -> list[str]:
     import models.heads  # noqa: F401
     import models.layers  # noqa: F401
 
-    finetuned = config.train.mode == "finetune"
+    from pipeline.training.distill import trained_model_groups
+
+    # A distilled student is an image-level model like a fine-tuned one (pipeline/training/distill.py).
+    finetuned = config.train.mode in ("finetune", "distill")
     model_file = "embedding_model.keras" if finetuned else "head.keras"
     run_dir = RunDir(config)
     dataset_meta = None  # read once a trained model is found: a missing model is the first thing to say
     tags = []
-    for backbone in config.extract.backbones:
-        tag = backbone_tag(backbone)
-        for loss in config.train.losses:
+    for tag, losses in trained_model_groups(config):
+        for loss in losses:
             source = run_dir.train_dir(tag, loss)
             if not (source / "training.json").is_file() or not (source / model_file).is_file():
                 raise PhaseInputError(f"no trained model in {source}: run `python run.py phase3` first")
@@ -147,7 +150,7 @@ def run_reevaluate(config: RunConfig, force: bool = False) -> list[str]:
             if force or not trained_embeddings_match(recorded_fingerprint(meta_path), training, config.extract):
                 items, _, raw, base_meta = load_embeddings(run_dir.embeddings_dir(tag), dataset_meta, config.name)
                 if finetuned:
-                    if training.get("mode") != "finetune":
+                    if training.get("mode") not in ("finetune", "distill"):
                         raise PhaseInputError(f"{source} holds a head-mode model; run phase3 --mode finetune")
                     model = keras.saving.load_model(source / model_file, compile=False)
                     pre, unit = finetuned_embeddings(run_dir, model, items, config.extract.batch_size)
@@ -169,4 +172,8 @@ def run_reevaluate(config: RunConfig, force: bool = False) -> list[str]:
                 log.info("phase 4: wrote %s (%d × %d)", out, *unit.shape)
             evaluate_backbone(run_dir, new_tag, config.evaluate, force=force, dataset_meta=dataset_meta)
             tags.append(new_tag)
+    # Ensembles with a trained member (evaluate.ensembles), now that the trained members' embeddings are written.
+    for tag in write_ensembles(run_dir, dataset_meta or load_dataset_meta(run_dir), True, force):
+        evaluate_backbone(run_dir, tag, config.evaluate, force=force, dataset_meta=dataset_meta)
+        tags.append(tag)
     return tags

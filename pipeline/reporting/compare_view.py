@@ -155,8 +155,9 @@ def _backbone_answer(models: list[dict], backbones: list[str], by: dict) -> str:
 def _loss_answer(losses: list[str], backbones: list[str], by: dict) -> str:
     gains = {}
     for loss in losses:
+        # Not every backbone has every loss (distillation: the teacher's loss on one, "distill" on the students).
         deltas = [score(by[(b, loss)]) - score(by[(b, PRETRAINED)]) for b in backbones
-                  if score(by[(b, loss)]) is not None and score(by[(b, PRETRAINED)]) is not None]
+                  if (b, loss) in by and score(by[(b, loss)]) is not None and score(by[(b, PRETRAINED)]) is not None]
         if deltas:
             gains[loss] = float(np.mean(deltas))
     if not gains:
@@ -165,7 +166,7 @@ def _loss_answer(losses: list[str], backbones: list[str], by: dict) -> str:
 
     def mean_ratio(loss: str) -> float | None:
         values = [to_float(get(by[(b, loss)], "metrics", "diagnostics", "unit", "intra_inter_distance_ratio"))
-                  for b in backbones]
+                  for b in backbones if (b, loss) in by]
         values = [v for v in values if v is not None]
         return float(np.mean(values)) if values else None
 
@@ -199,7 +200,7 @@ def _anisotropy_answer(losses: list[str], backbones: list[str], by: dict) -> str
     lines, verdicts = [], []
     for b in backbones:
         before = get(by[(b, PRETRAINED)], "metrics", "diagnostics", "unit", default={}) or {}
-        for loss in losses:
+        for loss in (loss for loss in losses if (b, loss) in by):
             after = get(by[(b, loss)], "metrics", "diagnostics", "unit", default={}) or {}
             change = anisotropy_change(before, after)
             verdicts.append(change["verdict"])
@@ -223,7 +224,7 @@ def _neighbour_answer(losses: list[str], backbones: list[str], by: dict) -> str:
     lines = []
     for b in backbones:
         before = by[(b, PRETRAINED)]
-        for loss in losses:
+        for loss in (loss for loss in losses if (b, loss) in by):
             after = by[(b, loss)]
             better, total = classes_improved(before["metrics"], after["metrics"])
             lines.append(f"{b}+{loss}: P@1 {fmt(score(before, metric='P@1'))} → {fmt(score(after, metric='P@1'))}, "
@@ -232,8 +233,35 @@ def _neighbour_answer(losses: list[str], backbones: list[str], by: dict) -> str:
     return "; ".join(lines) + ". The neighbour grids below show the same queries before and after."
 
 
+def _ensemble_answer(ensembles: list[dict], members: dict) -> str:
+    """Each ensemble's MAP@R and P@1 against its best member (models keyed by their embedding tag)."""
+    lines = []
+    for e in ensembles:
+        tags = e["ensemble"]["members"]
+        scored = [members[t] for t in tags if t in members and score(members[t]) is not None]
+        listing = ", ".join(f"{t} {fmt(score(members[t])) if t in members else 'not compared'}" for t in tags)
+        head = (f"{e['backbone']} ({e['ensemble']['combine']} of {len(tags)}): MAP@R {fmt(score(e))}, "
+                f"P@1 {fmt(score(e, metric='P@1'))}; members {listing}")
+        if score(e) is None or not scored:
+            lines.append(f"{head}: nothing to compare")
+            continue
+        best = max(scored, key=score)
+        gain = score(e) - score(best)
+        verdict = "beats" if gain > NEGLIGIBLE else "does not beat" if gain < -NEGLIGIBLE else "ties"
+        lines.append(f"{head}: it {verdict} its best member {best['eval_tag']} (MAP@R {gain:+.3f}, P@1 "
+                     f"{fmt(score(best, metric='P@1'))} → {fmt(score(e, metric='P@1'))})")
+    return "; ".join(lines) + "."
+
+
 def answers(models: list[dict]) -> list[dict]:
-    """The user's five questions, each answered with the numbers behind it."""
+    """The user's five questions, each answered with the numbers behind it (and a sixth, whether each ensemble
+    beats its members, when the run has ensembles)."""
+    ensembles = [m for m in models if m.get("ensemble")]
+    if ensembles:
+        by_tag = {m["eval_tag"]: m for m in models}
+        found = answers([m for m in models if not m.get("ensemble")])
+        return found + [{"question": "Does an ensemble beat its members?", "answer": _with_note(
+            _ensemble_answer(ensembles, by_tag), small_sample_note(_fewest_scored(ensembles)))}]
     backbones = sorted({m["backbone"] for m in models})
     losses = [loss for loss in dict.fromkeys(m["loss"] for m in models) if loss != PRETRAINED]
     by = {(m["backbone"], m["loss"]): m for m in models}

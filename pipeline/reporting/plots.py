@@ -382,10 +382,13 @@ def plot_metric_bars(table: Mapping[str, Mapping[str, float]], metrics: Sequence
 def plot_training_curves(history, path: str | Path, title: str, before: Mapping[str, float] | None = None,
                          metrics: Sequence[str] = ("P@1", "MAP@R"), monitor: str = "val_MAP@R") -> Path:
     """Training loss and the validation `metrics` per epoch (a DataFrame with `epoch`, `loss`,
-    `val_<metric>`); `before`: the untrained model's scores, drawn as a dotted line; the best
-    epoch by `monitor` is marked."""
+    `val_<metric>`, and `val_triplet_accuracy` drawn when present); `before`: the untrained model's scores,
+    drawn as a dotted line; the best epoch by `monitor` is marked."""
     epochs = history["epoch"].to_numpy() + 1
-    fig = _new_figure(10, 3.4)
+    # Runs with groups also score validation triplets (seed 000's per-epoch triplet accuracy): a panel of its own.
+    if "val_triplet_accuracy" in history and "triplet_accuracy" not in metrics:
+        metrics = (*metrics, "triplet_accuracy")
+    fig = _new_figure(3.3 * (len(metrics) + 1), 3.4)
     panels = [("loss", "training loss")] + [(f"val_{name}", f"validation {name}") for name in metrics]
     for ax, (column, label) in zip(fig.subplots(1, len(panels)), panels):
         if column in history:

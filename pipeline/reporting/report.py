@@ -20,6 +20,7 @@ from pipeline.reporting.formatting import (DASH, best_flags, fmt, fmt_count, fmt
                                            is_number, render_html, to_float)
 from pipeline.reporting.readings import diagnostics_reading, equivalence_text, small_sample_note, without_positive
 from pipeline.reporting.group_view import group_view
+from pipeline.reporting.rerank_view import rerank_view
 from pipeline.reporting.text_view import text_view
 from pipeline.vectors.retrieval import SCORE_NAMES
 
@@ -332,6 +333,7 @@ def _backbone_view(entry: Mapping, out_dir: Path, used: set[str]) -> dict:
         "per_class": None if nothing_scored else _per_class(metrics.get("per_class")),
         "text": text_view(metrics, _image_src(entry.get("text_grid"), out_dir)),
         "groups": group_view(metrics, _group_images(entry.get("group_images"), out_dir)),
+        "rerank": rerank_view(metrics),
         "timings": " · ".join(f"{name} {fmt_seconds(value)}" for name, value in timings.items()),
     }
 

@@ -58,7 +58,8 @@ def parse_metadata(raw, n: int) -> list[dict]:
 
 
 def write_added(state, images: list[bytes], metadata: list[dict]) -> dict:
-    from pipeline.serving.bundle import BundleError, add_items
+    from pipeline.core.errors import BundleError
+    from pipeline.serving.bundle import add_items
 
     ids = [row["id"] for row in metadata]
     with state.write_lock:
@@ -83,7 +84,8 @@ async def remove_item(state, item_id: str) -> dict:
 
 def write_removed(state, item_id: str) -> dict:
     from pipeline.serving.api_schema import find_item
-    from pipeline.serving.bundle import BundleError, remove_items
+    from pipeline.core.errors import BundleError
+    from pipeline.serving.bundle import remove_items
 
     with state.write_lock:
         row = find_item(state.live.current().bundle, item_id)   # 404 for an unknown id

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core import atomic
-from pipeline.core.errors import PhaseInputError
+from pipeline.core.errors import BundleError
 from pipeline.serving.thumbnails import (
     THUMBNAIL_COLUMNS, THUMBNAIL_SIDE, THUMBNAILS, link_or_copy, thumbnails_of, write_thumbnails,
 )
@@ -56,10 +56,6 @@ ITEM_COLUMNS = ("id", "label", "label_name", "path", "text", "group", "split")
 KEEP_VERSIONS = 2
 RECALL_K, RECALL_SAMPLE = 10, 1000
 _VERSION = re.compile(r"v(\d{4,})")
-
-
-class BundleError(PhaseInputError, ValueError):
-    """A bundle that is missing, corrupt, or cannot take the change asked of it (one line)."""
 
 
 @dataclass

@@ -104,3 +104,28 @@ def test_bad_settings_are_refused():
         TransformerProjection(8, num_heads=0)
     with pytest.raises(ValueError, match="padding mask"):
         build_transformer_head((16,), 8, padding_mask=True)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "attention"])
+def test_a_residual_head_starts_with_the_frozen_embeddings_cosines(pooling):
+    """Before training, residual=True gives the cosines of the mean token (a CNN's pooled embedding) exactly,
+    padding left out; after a training step it has moved away from them."""
+    keras.utils.set_random_seed(0)
+    x = tokens(6, 5, 16) + 0.5            # a shared offset, as post-ReLU feature maps have
+    mask = np.ones((6, 5), bool)
+    mask[0, 3:] = False
+    x[0, 3:] = 1e3                        # padding that must not count in the mean
+    head = build_transformer_head((5, 16), 24, num_layers=1, num_heads=2, pooling=pooling, width=8,
+                                  residual=True, padding_mask=True)
+    out = np.asarray(head({"tokens": x, "padding_mask": mask}), dtype=np.float64)
+    pooled = np.stack([x[i][mask[i]].mean(axis=0) for i in range(6)]).astype(np.float64)
+    pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+    np.testing.assert_allclose(out @ out.T, pooled @ pooled.T, atol=1e-5)
+
+    head.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    head.fit({"tokens": x, "padding_mask": mask}, np.ones((6, 24), "float32") / np.sqrt(24), epochs=2, verbose=0)
+    moved = np.asarray(head({"tokens": x, "padding_mask": mask}), dtype=np.float64)
+    assert np.abs(moved @ moved.T - pooled @ pooled.T).max() > 1e-3
+    layer = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(
+        head.get_layer("transformer_projection")))
+    assert layer.residual is True

@@ -142,3 +142,20 @@ def test_max_queries_enters_the_fingerprint_and_must_not_be_negative(tmp_path):
     write_embeddings(tmp_path)
     with pytest.raises(PhaseInputError, match="max_queries must be a non-negative integer"):
         evaluate(tmp_path, max_queries=-1)
+
+
+def test_projections_start_once_retrieval_is_done(tmp_path, monkeypatch):
+    """Scheduling (BENCHMARKS 18): the projection process starts after the last retrieval pass, not beside it."""
+    import pipeline.reporting.figures as figures
+    import pipeline.vectors.retrieval as retrieval
+
+    calls = []
+    real_retrieve, real_start = retrieval.retrieve, figures.start_projections
+    monkeypatch.setattr(retrieval, "retrieve", lambda *a, **kw: calls.append("retrieve") or real_retrieve(*a, **kw))
+    monkeypatch.setattr(figures, "start_projections",
+                        lambda *a, **kw: calls.append("projections") or real_start(*a, **kw))
+    write_embeddings(tmp_path)
+    evaluate(tmp_path)
+    started = calls.index("projections")
+    assert calls.count("projections") == 1
+    assert calls[:started].count("retrieve") >= 3 and "retrieve" not in calls[started:]   # 2 passes + the check

@@ -358,3 +358,19 @@ def test_a_dead_projection_process_is_reported_without_rerunning_in_process():
     assert list(out) == ["PCA", "t-SNE"]
     assert out["PCA"].shape == (30, 2)
     assert "projection process died" in out["t-SNE"] and "terminated abruptly" in out["t-SNE"]
+
+
+def test_training_curves_draw_a_triplet_accuracy_panel_when_the_history_has_one(tmp_path):
+    import matplotlib.image as mpimg
+    import pandas as pd
+
+    from pipeline.reporting.plots import plot_training_curves
+
+    history = pd.DataFrame({"epoch": [0, 1, 2], "loss": [1.0, 0.8, 0.7], "val_P@1": [0.5, 0.6, 0.62],
+                            "val_MAP@R": [0.2, 0.25, 0.3]})
+    plain = mpimg.imread(plot_training_curves(history, tmp_path / "plain.png", "t"))
+    history["val_triplet_accuracy"] = [0.8, 0.9, 0.95]
+    with_triplets = mpimg.imread(plot_training_curves(history, tmp_path / "triplets.png", "t"))
+    # One more panel of the same size: the figure is a third wider (4 panels instead of 3).
+    assert with_triplets.shape[1] / plain.shape[1] == pytest.approx(4 / 3, rel=0.02)
+    assert with_triplets.shape[0] == plain.shape[0]

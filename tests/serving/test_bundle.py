@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from pipeline.serving import bundle as bundle_format
-from pipeline.serving.bundle import BundleError, add_items, current_version, open_bundle, remove_items, verify_bundle
+from pipeline.core.errors import BundleError
+from pipeline.serving.bundle import add_items, current_version, open_bundle, remove_items, verify_bundle
 
 
 def _png(seed: int, size: int = 40) -> bytes:

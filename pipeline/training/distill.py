@@ -171,11 +171,14 @@ def train_distilled(run_dir: RunDir, backbone_cfg: BackboneConfig, tag: str, set
     out = worker_output_dir(run_dir.train_dir(tag, SLOT), strategy)
     dataset_meta = load_dataset_meta(run_dir)
     teacher = resolve_teacher(run_dir, settings.teacher)
-    loss = DistillationLoss(match=settings.distill_match, match_weight=settings.distill_match_weight,
-                            relational_weight=settings.distill_relational_weight,
-                            label_loss=settings.distill_label_loss,
-                            label_loss_params=settings.loss_params.get(settings.distill_label_loss, {}) or {},
-                            label_weight=settings.distill_label_weight)
+    try:
+        loss = DistillationLoss(match=settings.distill_match, match_weight=settings.distill_match_weight,
+                                relational_weight=settings.distill_relational_weight,
+                                label_loss=settings.distill_label_loss,
+                                label_loss_params=settings.loss_params.get(settings.distill_label_loss, {}) or {},
+                                label_weight=settings.distill_label_weight)
+    except ValueError as exc:   # e.g. a label loss that needs a classifier (arcface): a setting, not a crash
+        raise PhaseInputError(f"train.distill_*: {exc}") from None
     teacher_id = {"spec": teacher["spec"], "fingerprint": (teacher["meta"] or {}).get("fingerprint"),
                   "model": None if teacher["model_file"] is None else str(teacher["model_file"])}
     items, encoded = read_records(run_dir.dataset_dir)

@@ -86,6 +86,14 @@ def test_a_distilled_student_exports_with_its_teacher_on_the_card(distilled):
     assert card["export_check"]["max_abs_diff"] <= card["export_check"]["tolerance"]
 
 
+def test_a_label_loss_through_a_classifier_is_a_one_line_error(distilled, capsys):
+    _, path = distilled
+    code = cli.main(["phase3", "--config", str(path), "--mode", "distill", "--teacher", TEACHER,
+                     "--set", "train.distill_label_loss=arcface"])
+    assert code == 1 and "error: train.distill_*: label_loss 'arcface' trains through a classifier" in \
+        capsys.readouterr().err
+
+
 def test_model_lists_under_distillation(tmp_path):
     from pipeline.config import BackboneConfig
     from pipeline.core.run_dir import backbone_tag

@@ -30,4 +30,4 @@ def rerank_view(metrics: Mapping) -> dict | None:
             for r in rerank["rows"] if isinstance(r, Mapping)]
     return {"columns": columns, "rows": rows, "reading": rerank_reading(rerank),
             "vote_accuracy": fmt(to_float(rerank.get("vote_accuracy"))), "vote_k": rerank.get("vote_k"),
-            "n_queries": rerank.get("n_queries")}
+            "n_queries": fmt(rerank.get("n_queries"))}

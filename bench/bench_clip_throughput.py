@@ -72,7 +72,8 @@ def main() -> None:
     from models.backbones import build_feature_extractor
     from pipeline.config import load_config
     from pipeline.data.schema import parse
-    from pipeline.data.tfrecords import decode_and_resize, image_dataset, list_shards
+    from pipeline.data.record_reader import list_shards
+    from pipeline.data.tfrecords import decode_and_resize, image_dataset
     from pipeline.phases.ingest import run_ingest
 
     work = Path(tempfile.mkdtemp(prefix="bench_clip_"))

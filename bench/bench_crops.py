@@ -111,7 +111,8 @@ def decode_throughput(dataset_dir: Path, boxes: Path | None, size: int = 224, re
     import tensorflow as tf
 
     from pipeline.data import schema
-    from pipeline.data.tfrecords import decode_and_resize, list_shards
+    from pipeline.data.record_reader import list_shards
+    from pipeline.data.tfrecords import decode_and_resize
 
     shards = [str(p) for p in list_shards(dataset_dir, "test")]
     if boxes is None:

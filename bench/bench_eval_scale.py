@@ -15,6 +15,8 @@ Ways, each run in its own process (peak RSS = that process's ru_maxrss), alterna
 * embedlab: the gallery memory-mapped (pipeline.vectors.gallery.open_gallery), `retrieve` (cosine: P@1, P@k, R@k,
   full-ranking mAP, MAP@R, R-precision, top-k lists, k-occurrence) and the 500-query unit/euclidean identity
   check phase 2 runs. `--diagnostics` adds embedding_diagnostics of the whole gallery, timed apart.
+* embedlab-rows: the same with `scan="rows"`: whole score rows, a memory budget of them in flight (what
+  `retrieve` did for every gallery before the segment scan; `auto` scans segments from 200,000 items).
 * embedlab-f16: the same on the float16 copy of the gallery (float32 accumulation).
 * peer: FAISS exact k-NN (IndexFlatIP, k = the largest class + 1), fed from the same memory-mapped file block by
   block (FAISS keeps its own float32 copy), then P@1, R-precision, MAP@R (and AP over the k retrieved) from the
@@ -40,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 IDENTITY_SAMPLE = 500
-WAYS = ("embedlab", "embedlab-f16", "peer")
+WAYS = ("embedlab", "embedlab-rows", "embedlab-f16", "peer")
 
 
 def prepare_synthetic(data: Path, args: argparse.Namespace) -> None:
@@ -106,15 +108,17 @@ def child(way: str, data: Path, k: int, diagnostics: bool) -> dict:
         np.savez(data / f"per_query_{way}.npz", **per_query)
     else:
         from pipeline.vectors.gallery import open_gallery
-        from pipeline.vectors.retrieval import check_unit_identity, retrieve
+        from pipeline.vectors.retrieval import retrieve
+        from pipeline.vectors.unit_identity import check_unit_identity
 
         gallery = open_gallery(data / ("gallery_f16.npy" if way == "embedlab-f16" else "gallery.npy"))
         started = time.perf_counter()
         query = np.asarray(gallery[queries], dtype=np.float32)
+        scan = "rows" if way == "embedlab-rows" else "auto"
         result = retrieve(query, labels[queries], gallery, labels, metric="cosine", k=k, exclude=queries,
-                          progress=True)
+                          progress=True, scan=scan)
         identity = check_unit_identity(query, labels[queries], gallery, labels, result, k=k, exclude=queries,
-                                       sample_size=IDENTITY_SAMPLE)
+                                       sample_size=IDENTITY_SAMPLE, scan=scan)
         out["wall_s"] = time.perf_counter() - started
         out["metrics"] = result.metrics
         out["identity"] = identity.as_dict()

@@ -12,16 +12,13 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.data import schema
+from pipeline.data.record_reader import list_shards
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Everything but the image bytes: what phase 1 stores next to each embedding.
 METADATA_KEYS = ("id", "label", "label_name", "path", "text", "group", "role", "box")
 # The splits training can use: "train" to learn from, "val" to validate on (when usable).
 TRAINING_SPLITS = ("train", "val")
-
-
-def list_shards(dataset_dir: str | Path, split: str) -> list[Path]:
-    return sorted(Path(dataset_dir).glob(schema.shard_glob(split)))
 
 
 def decode_and_resize(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -65,36 +62,6 @@ def read_metadata(shards: list[Path]) -> dict[str, list]:
 
 def count_records(shards: list[Path]) -> int:
     return sum(1 for _ in tf.data.TFRecordDataset([str(p) for p in shards])) if shards else 0
-
-
-def load_images(shards: list[Path], wanted_ids: set[str], size: int = 96) -> dict:
-    """Decode just the images whose ids are wanted (thumbnails for neighbour grids).
-
-    Records are parsed in large batches and only the matches are decoded: scanning a
-    60,000-image dataset for a few dozen thumbnails then costs about a second.
-    """
-    import numpy as np
-
-    found: dict[str, np.ndarray] = {}
-    if not wanted_ids or not shards:
-        return found
-    ds = tf.data.TFRecordDataset([str(p) for p in shards], num_parallel_reads=AUTOTUNE)
-    ds = ds.batch(4096).map(lambda s: tf.io.parse_example(s, {"id": schema.feature_spec()["id"],
-                                                               "image": schema.feature_spec()["image"]}))
-    for batch in ds.as_numpy_iterator():
-        for rid, encoded in zip(batch["id"], batch["image"]):
-            rid = rid.decode("utf-8")
-            if rid not in wanted_ids or rid in found:
-                continue
-            image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-            h, w = int(image.shape[0]), int(image.shape[1])
-            scale = size / max(h, w)
-            if scale < 1:
-                image = tf.image.resize(image, (max(1, round(h * scale)), max(1, round(w * scale))), antialias=True)
-            found[rid] = np.asarray(tf.cast(tf.clip_by_value(tf.cast(image, tf.float32), 0, 255), tf.uint8))
-        if len(found) == len(wanted_ids):
-            break
-    return found
 
 
 def read_records(dataset_dir: Path, splits: Sequence[str] = TRAINING_SPLITS):

@@ -161,7 +161,7 @@ def collection_images(dataset_dir: Path, items) -> Iterator[bytes]:
     import tensorflow as tf
 
     from pipeline.data import schema
-    from pipeline.data.tfrecords import list_shards
+    from pipeline.data.record_reader import list_shards
 
     row = 0
     ids = items["id"].to_numpy()

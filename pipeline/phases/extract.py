@@ -80,7 +80,8 @@ def extract_backbone(run_dir: RunDir, dataset_meta: dict, backbone: BackboneConf
 
     from models.backbones import build_feature_extractor
 
-    from pipeline.data.tfrecords import image_dataset, list_shards, read_metadata
+    from pipeline.data.record_reader import list_shards
+    from pipeline.data.tfrecords import image_dataset, read_metadata
 
     tag = backbone_tag(backbone)
     out = run_dir.embeddings_dir(tag)

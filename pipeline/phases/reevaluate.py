@@ -74,7 +74,8 @@ def with_pre_normalisation(model):
 
 def finetuned_embeddings(run_dir: RunDir, model, items, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(pre-normalisation features, unit embeddings) of an image-level model over phase 1's items, in their order."""
-    from pipeline.data.tfrecords import image_dataset, list_shards, read_metadata
+    from pipeline.data.record_reader import list_shards
+    from pipeline.data.tfrecords import image_dataset, read_metadata
 
     both = with_pre_normalisation(model)
     image_size = int(model.inputs[0].shape[1])

@@ -107,7 +107,7 @@ def make_evaluation_plots(plot_dir: Path, dataset_dir: Path, items, unit, raw, q
 
     grids = []
     if settings.grid_queries > 0:
-        from pipeline.data.tfrecords import list_shards, load_images
+        from pipeline.data.record_reader import list_shards, load_thumbnails
 
         chosen = grid_queries(q_labels, settings.grid_queries, settings.seed)
         columns = min(grid_columns(settings.k, results[v].neighbours[chosen]) for v in GRID_VARIANTS)
@@ -121,7 +121,7 @@ def make_evaluation_plots(plot_dir: Path, dataset_dir: Path, items, unit, raw, q
                     wanted.add(items["id"].iat[gallery_rows[n]])
         splits = sorted(set([settings.query_split, *settings.gallery_splits]))
         shards = [p for split in splits for p in list_shards(dataset_dir, split)]
-        images = load_images(shards, wanted)
+        images = load_thumbnails(shards, wanted)
         grids = draw_neighbour_grids(plot_dir, tag, items, query_rows, gallery_rows, results, chosen, images,
                                      columns)
     return made, grids, notes
@@ -167,14 +167,14 @@ def draw_text_query_grid(plot_dir: Path, dataset_dir: Path, items, text_rows, ga
                          scores, splits: list[str], tag: str, k: int) -> str:
     """Text → image: each chosen text (a row of `items`) and its first k images (gallery positions in
     `neighbours`), framed green when of the text's class; ★ marks the text's own image. Returns the file name."""
-    from pipeline.data.tfrecords import list_shards, load_images
+    from pipeline.data.record_reader import list_shards, load_thumbnails
     from pipeline.reporting.neighbour_grid import plot_neighbour_grid
 
     ids, names = items["id"].to_numpy(), items["label_name"].to_numpy()
     labels, texts = items["label"].to_numpy(), items["text"].to_numpy()
     columns = grid_columns(k, neighbours)
     wanted = {ids[gallery_rows[n]] for n in neighbours[:, :columns].reshape(-1) if n >= 0}
-    images = load_images([p for split in splits for p in list_shards(dataset_dir, split)], wanted)
+    images = load_thumbnails([p for split in splits for p in list_shards(dataset_dir, split)], wanted)
     n_images, n_names, n_scores, correct = [], [], [], []
     for q, row, row_scores in zip(text_rows, neighbours[:, :columns], scores[:, :columns]):
         cells = [(gallery_rows[n], float(s)) for n, s in zip(row, row_scores) if n >= 0]

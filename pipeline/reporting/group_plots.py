@@ -209,7 +209,7 @@ def _closest_and_farthest(plot_dir: Path, dataset_dir: Path, items, found: Group
                           splits: list[str], tag: str) -> list[dict]:
     """Two grids of GRID_ROWS originals each, those whose versions are closest to them on average and those whose
     versions are farthest: every row the original, then its versions, closest first."""
-    from pipeline.data.tfrecords import list_shards, load_images
+    from pipeline.data.record_reader import list_shards, load_thumbnails
     from pipeline.reporting.neighbour_grid import plot_neighbour_grid
 
     from pipeline.vectors.groups import versions_of
@@ -223,7 +223,7 @@ def _closest_and_farthest(plot_dir: Path, dataset_dir: Path, items, found: Group
     chosen = {"closest": order[:n], "farthest": order[::-1][:n]}
     ids, names = items["id"].to_numpy(str), items["label_name"].to_numpy(str)
     wanted = {ids[r] for picks in chosen.values() for o in picks for r in [o, *found.versions[rows_of[o]]]}
-    images = load_images([p for split in splits for p in list_shards(dataset_dir, split)], wanted)
+    images = load_thumbnails([p for split in splits for p in list_shards(dataset_dir, split)], wanted)
     grids = []
     for name, picks in chosen.items():
         file = f"groups_{name}.png"

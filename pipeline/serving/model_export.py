@@ -155,7 +155,8 @@ def _served_error(saved_model_dir: Path, probe: np.ndarray, expected: np.ndarray
 
 def probe_batch(run_dir: RunDir, items, features: np.ndarray, image_size: int, n: int = 4):
     """A few images from the TFRecords with their phase-1 features, to check an export."""
-    from pipeline.data.tfrecords import image_dataset, list_shards
+    from pipeline.data.record_reader import list_shards
+    from pipeline.data.tfrecords import image_dataset
 
     shards = list_shards(run_dir.dataset_dir, str(items["split"].iat[0]))[:1]
     if not shards:

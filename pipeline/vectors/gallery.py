@@ -100,19 +100,32 @@ class ScoredGallery:
         """out[i, j] = ranking key of query row i against gallery item j (query float32, normalised for cosine)."""
         if not self.streamed:
             np.matmul(query, self._array.T, out=out)
-            if self.metric == "euclidean":
-                out *= 2.0
-                out -= self.key_offsets
+            self._to_keys(out, slice(None))
             return
         for start in range(0, self.size, SEGMENT_ROWS):
             stop = min(start + SEGMENT_ROWS, self.size)
-            part = query @ self.segment(start, stop).T
-            if self.metric == "cosine":
-                part *= self.inverse_norms[start:stop]
-            else:
-                part *= 2.0
-                part -= self.key_offsets[start:stop]
-            out[:, start:stop] = part
+            out[:, start:stop] = self.keys(query, start, stop)
+
+    def keys(self, query: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Ranking keys of the query rows against gallery rows start..stop, as a new float32 array."""
+        part = query @ self.segment(start, stop).T
+        self._to_keys(part, slice(start, stop))
+        return part
+
+    def keys_of(self, query: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Ranking keys of the query rows against the gallery items `items` (indices), as a new float32 array."""
+        part = query @ np.asarray(self._array[items], dtype=np.float32).T
+        self._to_keys(part, items)
+        return part
+
+    def _to_keys(self, products: np.ndarray, where) -> None:
+        """Dot products with gallery rows `where` -> ranking keys, in place."""
+        if self.metric == "cosine":
+            if self.streamed:
+                products *= self.inverse_norms[where]
+        else:
+            products *= 2.0
+            products -= self.key_offsets[where]
 
     def _check_and_measure(self) -> None:
         """One streamed pass: finite values, and the norms each metric needs."""

@@ -36,11 +36,7 @@ Definitions (every metric is computed per query, then averaged):
   AP = (1/R) * sum_{relevant j} (#relevant with score >= s_j) / (#items with score >= s_j);
   items with equal scores enter together, so AP does not depend on the index order.
 
-Unit vectors. On the unit sphere ||a - b||^2 = 2 - 2 cos(a, b), so euclidean distance
-ranks exactly like cosine similarity: ``euclidean_from_cosine`` reads the euclidean
-result off the cosine one (same neighbours and metrics, scores sqrt(max(0, 2 - 2 cos)))
-instead of a second pass, and ``check_unit_identity`` verifies the identity on a seeded
-sample of queries by really ranking them by euclidean distance.
+Unit vectors: euclidean ranks like cosine (2 - 2 cos); ``unit_identity`` reads one off the other and checks it.
 
 How it is computed. Query rows are scored in blocks: at most ``chunk_size`` rows
 are in flight at once (split across worker threads; fewer when their scores would
@@ -77,9 +73,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.vectors.gallery import ScoredGallery, rows_in_flight, sorted_candidates
+from pipeline.vectors.segment_scan import CandidateRows, collect, key_error_margin, lower_bounds
 from pipeline.vectors.normalize import l2_normalize, row_sq_norms
 
 METRICS = ("cosine", "euclidean")
+# How score rows are produced: "rows" (whole rows, a budget of them in flight), "segments" (large query blocks
+# against gallery segments, candidates only: segment_scan), "auto" (segments from SEGMENT_SCAN_MIN_GALLERY items).
+SCANS = ("auto", "rows", "segments")
+# At 200,000 items the score budget already holds fewer than 500 whole rows (bench 18: the skinny products
+# of 1M-item rows ran at ~60 % of the product speed FAISS gets from 4,096-query blocks).
+SEGMENT_SCAN_MIN_GALLERY = 200_000
 
 # Per-query array name -> name of its mean in `RetrievalResult.metrics`.
 _MEAN_OF = {"P@1": "P@1", "P@k": "P@k", "R@k": "R@k", "AP": "mAP", "MAP@R": "MAP@R", "R-precision": "R-precision"}
@@ -88,10 +91,6 @@ SCORE_NAMES: tuple[str, ...] = tuple(_MEAN_OF.values())
 
 # A progress bar is shown (when asked for) only for passes of more query chunks than this.
 PROGRESS_MIN_CHUNKS = 3
-
-# Largest |d_euclidean^2 - (2 - 2 cos)| the unit identity tolerates: float32 scores of
-# unit vectors are exact to about 1e-7, vectors a thousandth off unit length miss it by ~1e-3.
-IDENTITY_TOLERANCE = 1e-5
 
 # Blocks sorted whole before the candidate bounds stop being computed (see _Plan.full_sorts).
 _PROBE_BLOCKS = 2
@@ -144,6 +143,9 @@ class _Plan:
     # (relevant items spread through every ranking), the lower bounds are no longer computed.
     full_sorts: int = 0
     candidate_sorts: int = 0
+    # Segment scan: set once a block's candidates were most of the gallery (or past the budget); later blocks
+    # then score whole rows.
+    whole_rows_pay: bool = False
 
 
 def retrieve(
@@ -157,10 +159,13 @@ def retrieve(
     exclude: np.ndarray | None = None,
     chunk_size: int = 1024,
     progress: bool = False,
+    scan: str = "auto",
 ) -> RetrievalResult:
     """Rank the gallery for every query and score the rankings (see module docstring)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if scan not in SCANS:
+        raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
     if isinstance(k, bool) or int(k) != k or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
@@ -182,7 +187,7 @@ def retrieve(
     if query32.shape[1] != scored.dim:
         raise ValueError(f"query dim {query32.shape[1]} != gallery dim {scored.dim}")
     query_codes, gallery_codes = _encode_labels(query_labels, gallery_labels, n_queries, gallery_size)
-    exclude_idx = _check_exclude(exclude, n_queries, gallery_size)
+    exclude_idx = check_exclude(exclude, n_queries, gallery_size)
 
     query_sq_norms = None
     if metric == "euclidean":
@@ -231,7 +236,15 @@ def retrieve(
     # flight at once (fewer for large galleries: gallery.rows_in_flight), split across the workers.
     n_workers = max(1, min(_worker_count(), n_queries))
     block_rows = max(1, -(-rows_in_flight(chunk_size, gallery_size, n_workers) // n_workers))
-    blocks = [(start, min(start + block_rows, n_queries)) for start in range(0, n_queries, block_rows)]
+    if scan == "segments" or (scan == "auto" and gallery_size >= SEGMENT_SCAN_MIN_GALLERY):
+        # Blocks of up to chunk_size queries in class order: a block's pre-pass scores few classes' members.
+        scan_rows = max(1, min(chunk_size, -(-n_queries // n_workers)))
+        order = np.argsort(query_codes, kind="stable")
+        blocks = [order[start:start + scan_rows] for start in range(0, n_queries, scan_rows)]
+        work = _process_segment_block
+    else:
+        blocks = [np.arange(start, min(start + block_rows, n_queries)) for start in range(0, n_queries, block_rows)]
+        work = _process_block
     buffers = threading.local()
     blas_limit = _single_threaded_blas() if n_workers > 1 else contextlib.nullcontext()
     # A bar only for passes long enough to wait for: it counts queries, so tqdm's
@@ -243,8 +256,7 @@ def retrieve(
 
         bar = tqdm(total=n_queries, desc=f"retrieval ({metric})", unit=" queries", dynamic_ncols=True)
     with blas_limit, ThreadPoolExecutor(max_workers=n_workers) as pool:
-        jobs = {pool.submit(_process_block, plan, start, stop, block_rows, buffers): stop - start
-                for start, stop in blocks}
+        jobs = {pool.submit(work, plan, query_ids, block_rows, buffers): query_ids.size for query_ids in blocks}
         try:
             for job in as_completed(jobs):
                 job.result()
@@ -277,94 +289,33 @@ def retrieve(
     )
 
 
-@dataclass
-class UnitIdentityCheck:
-    """How a real euclidean ranking of sampled queries compared with their cosine ranking."""
-
-    n_sampled: int
-    # Top-k lists equal index for index.
-    n_identical: int
-    # Top-k lists whose scores agree rank by rank (d^2 = 2 - 2 cos within IDENTITY_TOLERANCE): equal,
-    # or differing only in the order of items whose scores are equal up to float32 rounding.
-    n_consistent: int
-    max_sq_distance_error: float
-    sample: np.ndarray  # (n_sampled,) sorted query indices checked
-
-    @property
-    def holds(self) -> bool:
-        return self.n_consistent == self.n_sampled
-
-    def as_dict(self) -> dict:
-        return {"n_sampled": self.n_sampled, "n_identical": self.n_identical, "n_consistent": self.n_consistent,
-                "max_sq_distance_error": self.max_sq_distance_error, "tolerance": IDENTITY_TOLERANCE,
-                "holds": self.holds}
+def _process_segment_block(plan: _Plan, query_ids: np.ndarray, block_rows: int, buffers: threading.local) -> None:
+    """A block of queries through the segment scan (segment_scan), or whole rows when candidates do not pay."""
+    if not plan.whole_rows_pay:
+        query, exclude, k_eff = plan.query[query_ids], plan.exclude[query_ids], plan.k_eff[query_ids]
+        sq_norms = None if plan.query_sq_norms is None else plan.query_sq_norms[query_ids]
+        bound = lower_bounds(plan.gallery, query, plan.query_codes[query_ids], plan.members_of, exclude, k_eff,
+                             key_error_margin(plan.gallery, sq_norms))
+        candidates = collect(plan.gallery, query, bound, exclude, k_eff)
+        if candidates is not None:
+            # -inf padding sorts to the left, as sorted_candidates pads.
+            _score_rows(plan, candidates, np.sort(candidates.scores, axis=1), query_ids)
+            return
+        plan.whole_rows_pay = True
+    for start in range(0, query_ids.size, block_rows):
+        _process_block(plan, query_ids[start:start + block_rows], block_rows, buffers)
 
 
-def euclidean_from_cosine(cosine: RetrievalResult) -> RetrievalResult:
-    """The euclidean result of unit vectors, read off their cosine result: on the unit sphere
-    ||a - b||^2 = 2 - 2 cos(a, b), so the ranking, neighbour lists and metrics are the same and each
-    neighbour score becomes the distance sqrt(max(0, 2 - 2 cos)). Valid only where check_unit_identity holds."""
-    cos = cosine.neighbour_scores.astype(np.float64)
-    distance = np.sqrt(np.maximum(2.0 - 2.0 * cos, 0.0)).astype(np.float32)  # NaN padding stays NaN
-    return RetrievalResult(
-        metrics=dict(cosine.metrics),
-        neighbours=cosine.neighbours.copy(),
-        neighbour_scores=distance,
-        per_query={name: values.copy() for name, values in cosine.per_query.items()},
-        k_occurrence=cosine.k_occurrence.copy(),
-    )
-
-
-def check_unit_identity(
-    query: np.ndarray,
-    query_labels: np.ndarray,
-    gallery: np.ndarray,
-    gallery_labels: np.ndarray,
-    cosine: RetrievalResult,
-    *,
-    k: int = 5,
-    exclude: np.ndarray | None = None,
-    sample_size: int = 1000,
-    seed: int = 0,
-    chunk_size: int = 1024,
-) -> UnitIdentityCheck:
-    """Rank a seeded sample of the queries by real euclidean distance and compare with `cosine`
-    (their cosine result on the same vectors): same top-k lists, and at every rank
-    d^2 = 2 - 2 cos within IDENTITY_TOLERANCE. Vectors that are not unit length fail it."""
-    n_queries = len(cosine.neighbours)
-    if isinstance(sample_size, bool) or int(sample_size) != sample_size or sample_size < 1:
-        raise ValueError(f"sample_size must be a positive integer, got {sample_size!r}")
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(n_queries, size=min(int(sample_size), n_queries), replace=False))
-    exclude_idx = _check_exclude(exclude, n_queries, len(gallery))
-    euclidean = retrieve(np.asarray(query)[sample], np.asarray(query_labels)[sample], gallery, gallery_labels,
-                         metric="euclidean", k=k, exclude=exclude_idx[sample], chunk_size=chunk_size)
-    cos_neighbours = cosine.neighbours[sample]
-    identical = np.all(euclidean.neighbours == cos_neighbours, axis=1)
-    valid = euclidean.neighbours >= 0
-    implied = 2.0 - 2.0 * cosine.neighbour_scores[sample].astype(np.float64)
-    error = np.abs(euclidean.neighbour_scores.astype(np.float64) ** 2 - implied)
-    error = np.where(valid & (cos_neighbours >= 0), error, 0.0)
-    consistent = np.all(valid == (cos_neighbours >= 0), axis=1) & np.all(error <= IDENTITY_TOLERANCE, axis=1)
-    return UnitIdentityCheck(
-        n_sampled=int(sample.size),
-        n_identical=int(identical.sum()),
-        n_consistent=int(consistent.sum()),
-        max_sq_distance_error=float(error.max(initial=0.0)),
-        sample=sample,
-    )
-
-
-def _process_block(plan: _Plan, start: int, stop: int, block_rows: int, buffers: threading.local) -> None:
+def _process_block(plan: _Plan, query_ids: np.ndarray, block_rows: int, buffers: threading.local) -> None:
     gallery_size = plan.gallery_size
     if getattr(buffers, "scores", None) is None:
         # Reused across the blocks of one thread: fresh 100 MB arrays per block
         # would mostly cost page faults.
         buffers.scores = np.empty((block_rows, gallery_size), dtype=np.float32)
         buffers.sorted = np.empty(block_rows * gallery_size, dtype=np.float32)
-    scores = buffers.scores[: stop - start]
-    plan.gallery.score_into(plan.query[start:stop], scores)
-    excluded = plan.exclude[start:stop]
+    scores = buffers.scores[: query_ids.size]
+    plan.gallery.score_into(plan.query[query_ids], scores)
+    excluded = plan.exclude[query_ids]
     rows = np.flatnonzero(excluded >= 0)
     # -inf sorts below every finite score: the excluded item can never be ranked,
     # counted as "greater" or tie with anything.
@@ -372,19 +323,18 @@ def _process_block(plan: _Plan, start: int, stop: int, block_rows: int, buffers:
     # Only items scoring at least the lowest relevant score (or the k-th largest) enter any metric, so
     # only they are sorted (sorted rows are left-padded with -inf, see gallery.sorted_candidates).
     try_candidates = plan.candidate_sorts > 0 or plan.full_sorts < _PROBE_BLOCKS
-    bounds = _lower_bounds(plan, scores, start) if try_candidates else None
+    bounds = _lower_bounds(plan, scores, query_ids) if try_candidates else None
     sorted_scores = sorted_candidates(scores, bounds, buffers.sorted)
     if sorted_scores.shape[1] < gallery_size:
         plan.candidate_sorts += 1
     else:
         plan.full_sorts += 1
-    _score_rows(plan, scores, sorted_scores, start)
+    _score_rows(plan, CandidateRows.whole(scores), sorted_scores, query_ids)
 
 
-def _lower_bounds(plan: _Plan, scores: np.ndarray, first_query: int) -> np.ndarray:
+def _lower_bounds(plan: _Plan, scores: np.ndarray, query_ids: np.ndarray) -> np.ndarray:
     """Per score row: the lowest score any metric depends on, min(lowest relevant score, k_eff-th largest)."""
     n_rows, gallery_size = scores.shape
-    query_ids = np.arange(first_query, first_query + n_rows)
     bound = np.full(n_rows, np.inf, dtype=np.float32)
     codes = plan.query_codes[query_ids]
     has_relevant = plan.n_relevant[query_ids] > 0
@@ -406,10 +356,8 @@ def _lower_bounds(plan: _Plan, scores: np.ndarray, first_query: int) -> np.ndarr
     return bound
 
 
-def _score_rows(plan: _Plan, scores: np.ndarray, sorted_scores: np.ndarray, first_query: int) -> None:
-    """Fill the results of queries first_query.. from their score rows (in place)."""
-    n_rows = scores.shape[0]
-    query_ids = np.arange(first_query, first_query + n_rows)
+def _score_rows(plan: _Plan, scores: CandidateRows, sorted_scores: np.ndarray, query_ids: np.ndarray) -> None:
+    """Fill the results of queries `query_ids` from their score rows (whole, or candidates only) in place."""
     _top_k(plan, scores, sorted_scores, query_ids)
 
     # Queries of one class with the same exclusion status share their relevant set
@@ -430,7 +378,7 @@ def _score_rows(plan: _Plan, scores: np.ndarray, sorted_scores: np.ndarray, firs
 
 def _score_group(
     plan: _Plan,
-    scores: np.ndarray,
+    scores: CandidateRows,
     sorted_scores: np.ndarray,
     rows: np.ndarray,
     queries: np.ndarray,
@@ -441,11 +389,13 @@ def _score_group(
     # Sorted rows hold the candidates (padded to one width): ranks count the items above within them.
     gallery_size = sorted_scores.shape[1]
     members = plan.members_of[code]
-    relevant = scores[rows[:, None], members[None, :]]
+    relevant = scores.gather(rows, members)
     relevant.sort(axis=1)
     if excluded_is_member:
         relevant = relevant[:, 1:]  # the excluded item is the row's single -inf
     n_rows, n_rel = relevant.shape
+    if n_rel and np.isneginf(relevant[:, 0]).any():
+        raise RuntimeError("retrieval: a relevant item is missing from its query's candidates (internal error)")
 
     # Everything below is indexed by p, the position of a relevant score in its
     # ascending row; the matching position in the ranking is m = n_rel - p.
@@ -486,7 +436,7 @@ def _score_group(
 
 def _resolve_ties(
     plan: _Plan,
-    scores: np.ndarray,
+    scores: CandidateRows,
     sorted_scores: np.ndarray,
     rows: np.ndarray,
     relevant: np.ndarray,
@@ -535,7 +485,8 @@ def _resolve_ties(
     group_size = run_after - run_first
     mixed = (group_size > run_relevant_end - run_relevant_first) & (run_greater < rank_cutoff[run_row])
     for run in np.flatnonzero(mixed):
-        in_group = np.flatnonzero(scores[rows[run_row[run]]] == run_value[run])
+        row = rows[run_row[run]]
+        in_group = scores.items_at(row, np.flatnonzero(scores.scores[row] == run_value[run]))
         relevant_offsets = np.flatnonzero(plan.gallery_codes[in_group] == code)
         items = run_of == run
         new_ranks[items] = run_greater[run] + 1 + relevant_offsets[order_in_run[items]]
@@ -570,9 +521,10 @@ def _first_equal(
     return first
 
 
-def _top_k(plan: _Plan, scores: np.ndarray, sorted_scores: np.ndarray, query_ids: np.ndarray) -> None:
+def _top_k(plan: _Plan, rows: CandidateRows, sorted_scores: np.ndarray, query_ids: np.ndarray) -> None:
     """Neighbour lists: everything at or above the k_eff-th largest score, stably ordered."""
-    n_rows, gallery_size = scores.shape
+    scores = rows.scores
+    n_rows, row_width = scores.shape
     width = sorted_scores.shape[1]  # candidates only, left-padded: the top k_eff are its last columns
     k_eff = plan.k_eff[query_ids]
     active = np.flatnonzero(k_eff > 0)
@@ -592,15 +544,15 @@ def _top_k(plan: _Plan, scores: np.ndarray, sorted_scores: np.ndarray, query_ids
 
     flat = np.flatnonzero(at_or_above)
     if flat.size:
-        row_of, column = np.divmod(flat, gallery_size)
+        row_of, column = np.divmod(flat, row_width)
         candidate_scores = scores[row_of, column]
-        # flatnonzero yields columns in increasing order within each row, and
+        # flatnonzero yields columns in increasing order within each row (and so gallery indices), and
         # lexsort is stable, so equal scores keep the lower gallery index first.
         order = np.lexsort((-candidate_scores, row_of))
         row_of, column, candidate_scores = row_of[order], column[order], candidate_scores[order]
         row_start = np.concatenate([[0], np.cumsum(n_candidates)])
         slot = np.arange(flat.size) - row_start[row_of]
-        _store_neighbours(plan, query_ids[row_of], slot, column, candidate_scores)
+        _store_neighbours(plan, query_ids[row_of], slot, rows.items_at(row_of, column), candidate_scores)
 
     for row in crowded:
         values = scores[row]
@@ -609,7 +561,8 @@ def _top_k(plan: _Plan, scores: np.ndarray, sorted_scores: np.ndarray, query_ids
         at_cut = np.flatnonzero(values == threshold[row])[: need - above.size]
         above = above[np.argsort(-values[above], kind="stable")]
         column = np.concatenate([above, at_cut])
-        _store_neighbours(plan, np.full(need, query_ids[row]), np.arange(need), column, values[column])
+        _store_neighbours(plan, np.full(need, query_ids[row]), np.arange(need), rows.items_at(row, column),
+                          values[column])
 
 
 def _store_neighbours(
@@ -658,7 +611,8 @@ def _encode_labels(query_labels, gallery_labels, n_queries: int, gallery_size: i
     return codes[:n_queries], codes[n_queries:]
 
 
-def _check_exclude(exclude, n_queries: int, gallery_size: int) -> np.ndarray:
+def check_exclude(exclude, n_queries: int, gallery_size: int) -> np.ndarray:
+    """`exclude` as int64 gallery indices (-1: none), one per query; all -1 when None."""
     if exclude is None:
         return np.full(n_queries, -1, dtype=np.int64)
     idx = np.asarray(exclude)

@@ -103,3 +103,36 @@ def test_phase4_embeddings_recorded_in_the_older_fingerprint_form_stay_current()
     retrained = {**training, "created": "2026-11-21T10:00:00+00:00"}
     assert not artifacts.trained_embeddings_match(legacy, retrained, extract)
     assert not artifacts.trained_embeddings_match(None, training, extract)
+
+
+def test_float16_embeddings_come_back_unit_length_so_the_unit_identity_holds(tmp_path):
+    """float16 storage rounds unit vectors up to ~1e-4 off unit length; loaded, they are renormalised, so phase 2
+    reads unit/euclidean off unit/cosine instead of failing its check and paying a second pass."""
+    from pipeline.vectors.retrieval import retrieve
+    from pipeline.vectors.unit_identity import check_unit_identity
+
+    n, dim = 400, 64
+    out = tmp_path / "emb"
+    out.mkdir()
+    items = pd.DataFrame({"row": range(n), "split": ["test"] * n, "id": [f"{i:03d}" for i in range(n)],
+                          "label": [i % 4 for i in range(n)], "label_name": ["a", "b", "c", "d"] * (n // 4),
+                          "path": [f"p{i}" for i in range(n)], "text": [""] * n, "group": [""] * n})
+    raw = np.random.default_rng(1).normal(size=(n, dim)).astype(np.float32)
+    unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    artifacts.write_embedding_artifacts(out, items, raw, unit, ExtractConfig(dtype="float16"))
+    (out / "meta.json").write_text(json.dumps({"fingerprint": "e", "dataset_fingerprint": "d1"}))
+    assert np.load(out / "embeddings.npy").dtype == np.float16
+    stored = np.load(out / "embeddings.npy").astype(np.float32)
+    labels = items["label"].to_numpy()
+    everyone = np.arange(n)
+
+    def identity(x):
+        cosine = retrieve(x, labels, x, labels, k=5, exclude=everyone)
+        return check_unit_identity(x, labels, x, labels, cosine, k=5, exclude=everyone, sample_size=n)
+
+    assert not identity(stored).holds   # the stored values as they are: the check fails
+    _, loaded, _, _ = artifacts.load_embeddings(out)
+    assert loaded.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(loaded.astype(np.float64), axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(loaded, unit, atol=2e-3)
+    assert identity(loaded).holds

@@ -63,7 +63,8 @@ def test_export_reproduces_phase4_embeddings_from_raw_images(tmp_path):
     import pandas as pd
     import tensorflow as tf
 
-    from pipeline.data.tfrecords import image_dataset, list_shards, read_metadata
+    from pipeline.data.record_reader import list_shards
+    from pipeline.data.tfrecords import image_dataset, read_metadata
 
     images = make_class_folder(tmp_path / "images", n_classes=4, per_class=14)
     weights = tmp_path / "mobilenet.weights.h5"

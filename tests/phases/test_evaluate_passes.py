@@ -148,10 +148,13 @@ def test_projections_start_once_retrieval_is_done(tmp_path, monkeypatch):
     """Scheduling (BENCHMARKS 18): the projection process starts after the last retrieval pass, not beside it."""
     import pipeline.reporting.figures as figures
     import pipeline.vectors.retrieval as retrieval
+    import pipeline.vectors.unit_identity as unit_identity
 
     calls = []
     real_retrieve, real_start = retrieval.retrieve, figures.start_projections
-    monkeypatch.setattr(retrieval, "retrieve", lambda *a, **kw: calls.append("retrieve") or real_retrieve(*a, **kw))
+    counted = lambda *a, **kw: calls.append("retrieve") or real_retrieve(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(retrieval, "retrieve", counted)
+    monkeypatch.setattr(unit_identity, "retrieve", counted)   # the identity check's sampled euclidean pass
     monkeypatch.setattr(figures, "start_projections",
                         lambda *a, **kw: calls.append("projections") or real_start(*a, **kw))
     write_embeddings(tmp_path)

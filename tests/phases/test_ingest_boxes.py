@@ -45,7 +45,7 @@ def test_boxes_become_items_and_bad_boxes_are_rejects(tmp_path: Path):
     import tensorflow as tf
 
     from pipeline.data.schema import parse
-    from pipeline.data.tfrecords import list_shards
+    from pipeline.data.record_reader import list_shards
 
     manifest, arrays = _scene(tmp_path)
     config = RunConfig(name="b", runs_dir=str(tmp_path / "runs"),

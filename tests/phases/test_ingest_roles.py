@@ -51,7 +51,8 @@ def test_roles_reach_the_records_the_manifest_and_dataset_json(tmp_path: Path):
     import tensorflow as tf
 
     from pipeline.data.schema import parse
-    from pipeline.data.tfrecords import list_shards, read_metadata
+    from pipeline.data.record_reader import list_shards
+    from pipeline.data.tfrecords import read_metadata
 
     rows = []
     rng = np.random.default_rng(0)

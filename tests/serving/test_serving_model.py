@@ -17,7 +17,7 @@ def test_export_round_trip_reproduces_the_stored_embeddings(tiny_run, exported):
     """serving_default on TFRecord bytes = phase 1's embeddings (max abs diff asserted and stored in the card)."""
     import tensorflow as tf
 
-    from pipeline.data.tfrecords import list_shards
+    from pipeline.data.record_reader import list_shards
     from pipeline.serving.bundle import open_bundle
 
     tmp_path, _ = tiny_run

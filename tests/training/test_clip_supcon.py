@@ -96,7 +96,8 @@ def test_the_epoch_results_rank_as_the_trained_model_does(recipe_run):
 
 
 def test_the_export_reproduces_phase4(recipe_run):
-    from pipeline.data.tfrecords import image_dataset, list_shards, read_metadata
+    from pipeline.data.record_reader import list_shards
+    from pipeline.data.tfrecords import image_dataset, read_metadata
 
     tmp, tag = recipe_run
     out = tmp / f"runs/cs/train/{tag}/supcon"

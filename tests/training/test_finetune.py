@@ -57,7 +57,8 @@ def test_finetune_writes_training_artifacts(finetuned_run):
 
 
 def test_phase4_embeddings_come_from_the_saved_model(finetuned_run):
-    from pipeline.data.tfrecords import image_dataset, list_shards, read_metadata
+    from pipeline.data.record_reader import list_shards
+    from pipeline.data.tfrecords import image_dataset, read_metadata
 
     out = finetuned_run / f"runs/f/train/{BASE}/triplet"
     emb = finetuned_run / f"runs/f/embeddings/{BASE}+triplet"

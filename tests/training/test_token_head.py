@@ -172,7 +172,8 @@ def test_mobilenet_tokens_train_a_transformer_head_that_composes_with_the_backbo
     model, image_size = build_embedding_model(config.extract.backbones[0], head)
     images, _ = probe_batch(RunDir(config), items, tokens, image_size)
     ids = list(items["id"])
-    from pipeline.data.tfrecords import list_shards, read_metadata
+    from pipeline.data.record_reader import list_shards
+    from pipeline.data.tfrecords import read_metadata
 
     shard = list_shards(RunDir(config).dataset_dir, str(items["split"].iat[0]))[:1]
     rows = [ids.index(i) for i in read_metadata(shard)["id"][: len(images)]]

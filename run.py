@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    import_tensorflow_quietly()
+    if any(PHASES[name].uses_tensorflow for name in phases):
+        import_tensorflow_quietly()
     try:
         run_phases(config, phases, force=args.force, command=" ".join(["python run.py", *sys.argv[1:]]))
     except ConfigError as exc:

@@ -46,6 +46,9 @@ class Phase:
     help: str
     sections: tuple[str, ...]                       # the configuration sections it reads
     run: Callable[[RunConfig, bool, str], None]    # (config, force, the command line for reports)
+    # Whether it runs TensorFlow (run.py imports it up front, quietly, only then: phases 2 and 5 read arrays and
+    # draw, and importing TensorFlow cost a CIFAR-10 phase 2 about 4 of its 31 s).
+    uses_tensorflow: bool = True
 
 
 def _ingest(config: RunConfig, force: bool, command: str) -> None:
@@ -89,13 +92,14 @@ PHASES: dict[str, Phase] = {phase.name: phase for phase in (
     Phase("phase1", "extract: pretrained-backbone embeddings, JSON + .npy + FAISS index", ("data", "extract"),
           _extract),
     Phase("phase2", "evaluate: retrieval metrics, diagnostics, plots and the HTML report, for every backbone "
-                    "of the run (extract.backbones)", ("data", "extract", "evaluate"), _evaluate),
+                    "of the run (extract.backbones)", ("data", "extract", "evaluate"), _evaluate,
+          uses_tensorflow=False),
     Phase("phase3", "train: embedding heads with metric-learning losses (triplet, contrastive, arcface, ...)",
           ("data", "extract", "train"), _train),
     Phase("phase4", "re-evaluate: embeddings of every trained model, evaluated exactly as in phase 2",
           ("data", "extract", "evaluate", "train"), _reevaluate),
     Phase("phase5", "compare: backbones x losses x distances in one report that answers the questions",
-          ("extract", "evaluate", "train"), _compare),
+          ("extract", "evaluate", "train"), _compare, uses_tensorflow=False),
 )}
 
 

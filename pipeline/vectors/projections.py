@@ -319,13 +319,14 @@ def _project_with_threads(x: np.ndarray, methods: list[str], seed: int, threads:
 
 
 class BackgroundProjections:
-    """Compute projections in a separate process while the caller does other work.
+    """Compute projections in separate processes while the caller does other work.
 
-    t-SNE and UMAP (numba compilation included) take tens of seconds, mostly on one
-    core; running them beside the single-threaded rest of phase 2 shortens its wall time.
-    The two processes share the cores: the worker's BLAS/OpenMP pools get all cores but one
-    (t-SNE's gradient would otherwise take every core), and `sharing_cores()` gives the
-    caller's the rest while the worker runs (oversubscribed pools spin and slow both down).
+    t-SNE and UMAP take seconds each, mostly on one core; each runs in a process of its own (the two fit at
+    once on two cores: BENCHMARKS 18 measured the pair in one process as the critical path of phase 2 once
+    retrieval was done), beside the single-threaded rest of phase 2. The processes share the cores: the
+    workers' BLAS/OpenMP pools split all cores but one (t-SNE's gradient would otherwise take every core), and
+    `sharing_cores()` gives the caller's the rest while a worker runs (oversubscribed pools spin and slow all).
+    PCA takes milliseconds and is computed in-line when the result is asked for.
     """
 
     def __init__(self, x: np.ndarray, methods: list[str], seed: int = 0):
@@ -334,22 +335,22 @@ class BackgroundProjections:
 
         self._executor = None
         self._inline = (x, methods, seed)
-        if not set(methods) - {"pca"}:
-            # PCA alone takes milliseconds; starting a process (a new interpreter and its imports) would
-            # cost seconds. It is computed in-line when the result is asked for.
-            self._future = None
-            return
+        self._futures: dict = {}
+        slow = [m for m in methods if m != "pca"]
+        if not slow:
+            return  # a process (a new interpreter and its imports) would cost seconds
+        threads = max(1, (_cores() - 1) // len(slow))
         try:
             # spawn: forking a process that already runs TensorFlow threads can deadlock.
             self._executor = concurrent.futures.ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-            self._future = self._executor.submit(_project_with_threads, x, methods, seed, max(1, _cores() - 1))
+                max_workers=len(slow), mp_context=multiprocessing.get_context("spawn"))
+            self._futures = {m: self._executor.submit(_project_with_threads, x, [m], seed, threads) for m in slow}
         except Exception:  # no process support (sandbox): compute in-line when asked
-            self._future = None
+            self._futures = {}
 
     def sharing_cores(self):
-        """A context in which the caller's BLAS/OpenMP pools leave the worker its cores (if it is running)."""
-        if self._future is None or self._future.done():
+        """A context in which the caller's BLAS/OpenMP pools leave the workers their cores (while any runs)."""
+        if all(f.done() for f in self._futures.values()):
             return contextlib.nullcontext()
         from threadpoolctl import threadpool_limits
 
@@ -358,18 +359,20 @@ class BackgroundProjections:
     def result(self) -> dict[str, np.ndarray | str]:
         x, methods, seed = self._inline
         try:
-            if self._future is not None:
+            out: dict[str, np.ndarray | str] = {}
+            for method in methods:
+                name = DISPLAY_NAMES[method]
+                future = self._futures.get(method)
+                if future is None:
+                    out.update(project_all(x, [method], seed))
+                    continue
                 try:
-                    return self._future.result()
+                    out.update(future.result())
                 except Exception as exc:
-                    # The worker died: killed for memory, or a crash inside t-SNE/UMAP's
-                    # native code. Either would take this process down too if rerun here,
-                    # so only PCA (exact, cheap) is computed; the others report the failure.
-                    died = f"the projection process died ({type(exc).__name__}: {exc}); not computed"
-                    out = project_all(x, [m for m in methods if m == "pca"], seed)
-                    out.update({DISPLAY_NAMES[m]: died for m in methods if m != "pca"})
-                    return {DISPLAY_NAMES[m]: out[DISPLAY_NAMES[m]] for m in methods}
-            return project_all(x, methods, seed)
+                    # The worker died: killed for memory, or a crash inside t-SNE/UMAP's native code. Either
+                    # would take this process down too if rerun here, so the method reports the failure.
+                    out[name] = f"the projection process died ({type(exc).__name__}: {exc}); not computed"
+            return out
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)

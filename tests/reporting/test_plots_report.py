@@ -350,13 +350,15 @@ def test_a_dead_projection_process_is_reported_without_rerunning_in_process():
 
     x = np.random.default_rng(0).normal(size=(30, 8))
     background = BackgroundProjections(x, [])          # no worker started
-    background._inline = (x, ["pca", "tsne"], 0)
+    background._inline = (x, ["pca", "tsne", "umap"], 0)
     died = concurrent.futures.Future()
     died.set_exception(BrokenProcessPool("a child process terminated abruptly"))
-    background._future = died
+    fitted = concurrent.futures.Future()
+    fitted.set_result({"UMAP": np.zeros((30, 2))})
+    background._futures = {"tsne": died, "umap": fitted}     # one process per method: one died, one did not
     out = background.result()
-    assert list(out) == ["PCA", "t-SNE"]
-    assert out["PCA"].shape == (30, 2)
+    assert list(out) == ["PCA", "t-SNE", "UMAP"]
+    assert out["PCA"].shape == (30, 2) and out["UMAP"].shape == (30, 2)
     assert "projection process died" in out["t-SNE"] and "terminated abruptly" in out["t-SNE"]
 
 

@@ -45,3 +45,21 @@ def make_class_folder(root: Path, n_classes: int = 4, per_class: int = 10, size:
 @pytest.fixture
 def class_folder(tmp_path: Path) -> Path:
     return make_class_folder(tmp_path / "images")
+
+
+def run_cli_without_tensorflow(argv: list[str]):
+    """run.py's main(argv) in a fresh interpreter in which TensorFlow and Keras cannot be imported (a phase that
+    must not need them fails there instead of loading them quietly). Returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "class NoTensorFlow:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('tensorflow', 'keras'):\n"
+            "            raise ImportError('blocked by the test: ' + name)\n"
+            "sys.meta_path.insert(0, NoTensorFlow())\n"
+            "import run\n"
+            f"sys.exit(run.main({argv!r}))\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import run as cli
-from tests.conftest import make_class_folder, shared_path
+from tests.conftest import make_class_folder, run_cli_without_tensorflow, shared_path
 
 
 def _args(tmp_path: Path, *extra: str) -> list[str]:
@@ -76,20 +76,8 @@ def test_rerun_does_nothing_and_force_redoes(finished_run):
 def test_phase2_runs_without_tensorflow(finished_run):
     """Phases 2 and 5 read arrays and draw: run.py must not import TensorFlow for them (it cost a CIFAR-10 phase 2
     4 s and 420 MB, BENCHMARKS 18). Here TensorFlow and Keras cannot be imported at all, grids included."""
-    import subprocess
-    import sys
-
     tmp_path, _ = finished_run
-    blocker = ("import sys\n"
-               "class NoTensorFlow:\n"
-               "    def find_spec(self, name, path=None, target=None):\n"
-               "        if name.split('.')[0] in ('tensorflow', 'keras'):\n"
-               "            raise ImportError('blocked by the test: ' + name)\n"
-               "sys.meta_path.insert(0, NoTensorFlow())\n"
-               "import run\n"
-               f"sys.exit(run.main(['phase2', '--force', *{_args(tmp_path)!r}]))\n")
-    done = subprocess.run([sys.executable, "-c", blocker], cwd=Path(cli.__file__).parent, capture_output=True,
-                          text=True, timeout=300)
+    done = run_cli_without_tensorflow(["phase2", "--force", *_args(tmp_path)])
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "runs/t/eval/mobilenet-a0.25-32-none/metrics.json").read_text())
     assert metrics["grids"] and all((tmp_path / "reports/t/img/mobilenet-a0.25-32-none" / g["file"]).is_file()

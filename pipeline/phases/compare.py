@@ -28,7 +28,7 @@ def collect(config: RunConfig) -> list[dict]:
     training.json; pretrained first, ensembles last."""
     run_dir = RunDir(config)
     models = []
-    from pipeline.training.distill import compared_model_groups
+    from pipeline.training.distill_plan import compared_model_groups
 
     # Under train.mode distill: every backbone's pretrained model, the teacher and the distilled students.
     for tag, losses in compared_model_groups(config, PRETRAINED):

@@ -129,7 +129,7 @@ def run_reevaluate(config: RunConfig, force: bool = False) -> list[str]:
     import models.heads  # noqa: F401
     import models.layers  # noqa: F401
 
-    from pipeline.training.distill import trained_model_groups
+    from pipeline.training.distill_plan import trained_model_groups
 
     # A distilled student is an image-level model like a fine-tuned one (pipeline/training/distill.py).
     finetuned = config.train.mode in ("finetune", "distill")

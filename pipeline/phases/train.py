@@ -34,7 +34,8 @@ def run_train(config: RunConfig, force: bool = False, *, extra_callbacks: Sequen
         if settings.mode == "finetune":
             return _train_finetune(config, run_dir, settings, strategy, force, extra_callbacks)
         if settings.mode == "distill":
-            from pipeline.training.distill import students, train_distilled
+            from pipeline.training.distill import train_distilled
+            from pipeline.training.distill_plan import students
 
             return [train_distilled(run_dir, student, backbone_tag(student), settings, strategy, force=force,
                                     extra_callbacks=extra_callbacks) for student in students(config)]

@@ -33,14 +33,15 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from pipeline.config import BackboneConfig, RunConfig, TrainConfig
+from pipeline.config import BackboneConfig, TrainConfig
 from pipeline.core import atomic
 from pipeline.core.artifacts import fingerprint_of, load_dataset_meta, load_embeddings
 from pipeline.core.distribute import training_strategy, worker_output_dir
 from pipeline.core.errors import PhaseInputError
-from pipeline.core.run_dir import RunDir, backbone_tag
+from pipeline.core.run_dir import RunDir
 from pipeline.data.tfrecords import plain_images, read_records
 from pipeline.reporting.plots import plot_training_curves
+from pipeline.training.distill_plan import MODE, SLOT
 from pipeline.training.callbacks import MONITOR, VAL_METRICS, RetrievalValidation, training_callbacks
 from pipeline.training.finetune import (build_finetune_model, finetune_optimizer, image_batches, save_image_model,
                                         trunk_units, with_label_names)
@@ -51,9 +52,6 @@ from pipeline.training.protocol import batch_plan, training_data
 
 log = logging.getLogger("embedlab.distill")
 
-MODE = "distill"
-# The loss slot of a distilled student: runs/<run>/train/<student>/distill/, embeddings tag "<student>+distill".
-SLOT = "distill"
 TEACHER_CACHE = "teacher_embeddings.npy"
 
 
@@ -78,33 +76,6 @@ def resolve_teacher(run_dir: RunDir, spec: str) -> dict:
         else None
     return {"spec": spec, "tag": tag, "embeddings_dir": emb_dir, "meta": meta,
             "model_file": model_file if model_file is not None and model_file.is_file() else None}
-
-
-def students(config: RunConfig) -> list[BackboneConfig]:
-    """The backbones `train.student` names (a tag or a backbone name), default all but the teacher's own."""
-    wanted = config.train.student.strip()
-    teacher_base = config.train.teacher.split("/")[-1].split("+")[0]
-    chosen = [b for b in config.extract.backbones
-              if (backbone_tag(b) == wanted or b.name == wanted) if wanted] if wanted else \
-        [b for b in config.extract.backbones if backbone_tag(b) != teacher_base]
-    if not chosen:
-        raise PhaseInputError(f"no student: train.student {wanted!r} names none of the run's backbones "
-                              f"{[backbone_tag(b) for b in config.extract.backbones]} (other than the teacher's)")
-    return chosen
-
-
-def distilled_models(config: RunConfig) -> list[tuple[str, str]]:
-    """(student tag, slot) of every student the configuration distils (phase 4 and 5 read this)."""
-    return [(backbone_tag(b), SLOT) for b in students(config)]
-
-
-def teacher_entry(config: RunConfig) -> tuple[str, str] | None:
-    """(backbone tag, loss) of the teacher when it is a trained model of this run (phase 5 lists it)."""
-    spec = config.train.teacher.strip()
-    if "/" in spec or "+" not in spec:
-        return None
-    base, loss = spec.split("+", 1)
-    return base, loss
 
 
 # --------------------------------------------------------------------------- the teacher's targets
@@ -256,24 +227,3 @@ def _speed(student, teacher: dict, encoded: np.ndarray) -> dict:
     log.info("phase 3 (distill): student %.0f images/s, teacher %s images/s (load %.1f)", student_rate,
              "n/a" if teacher_rate is None else f"{teacher_rate:.0f}", load)
     return speed
-
-
-# --------------------------------------------------------------------------- which models phases 4 and 5 read
-
-def trained_model_groups(config: RunConfig) -> list[tuple[str, list[str]]]:
-    """(backbone tag, its trained models' loss slots) that phase 4 re-embeds under this configuration."""
-    if config.train.mode == MODE:
-        return [(tag, [slot]) for tag, slot in distilled_models(config)]
-    return [(backbone_tag(b), list(config.train.losses)) for b in config.extract.backbones]
-
-
-def compared_model_groups(config: RunConfig, pretrained: str) -> list[tuple[str, list[str]]]:
-    """(backbone tag, the models of it phase 5 compares): `pretrained` for every backbone, then its trained
-    models; under distillation the teacher (when it is a model of this run) and the students."""
-    if config.train.mode != MODE:
-        return [(backbone_tag(b), [pretrained, *config.train.losses]) for b in config.extract.backbones]
-    teacher = teacher_entry(config)
-    student_tags = {tag for tag, _ in distilled_models(config)}
-    return [(tag, [pretrained, *([teacher[1]] if teacher and teacher[0] == tag else []),
-                   *([SLOT] if tag in student_tags else [])])
-            for tag in (backbone_tag(b) for b in config.extract.backbones)]

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import run as cli
-from tests.conftest import make_class_folder
+from tests.conftest import make_class_folder, run_cli_without_tensorflow
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,15 @@ def test_comparison_report_answers_the_questions(compared_run):
     html = (report / "comparison.html").read_text()
     assert "Did anisotropy go down?" in html and "http" not in html.replace("http-equiv", "")
     assert (report / "comparison.csv").read_text().count("\n") == 10
+
+
+def test_phase5_runs_without_tensorflow(compared_run):
+    """Phase 5 reads metrics and draws: it must run where TensorFlow cannot even be imported."""
+    before = (compared_run / "reports/c/comparison.json").stat().st_mtime_ns
+    done = run_cli_without_tensorflow(["phase5", "--run", "c", "--set", f"runs_dir={compared_run}/runs",
+                                       "--set", f"reports_dir={compared_run}/reports"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (compared_run / "reports/c/comparison.json").stat().st_mtime_ns != before
 
 
 def test_phase4_without_training_fails_clearly(tmp_path, capsys):

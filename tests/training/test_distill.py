@@ -9,7 +9,7 @@ import yaml
 
 import run as cli
 from pipeline.config import load_config
-from pipeline.training.distill import compared_model_groups, distilled_models, teacher_entry
+from pipeline.training.distill_plan import compared_model_groups, distilled_models, teacher_entry
 from tests.conftest import make_class_folder
 
 TEACHER = "mobilenet-a0.25-32-none"

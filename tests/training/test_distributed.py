@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +27,6 @@ def _result(stdout: str, stderr: str, returncode: int, what: str) -> dict:
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     assert returncode == 0 and lines, f"{what} failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
     return json.loads(lines[-1].removeprefix("RESULT "))
-
-
-@pytest.fixture(scope="module")
-def report() -> dict:
-    env = {key: value for key, value in ENV.items() if key != "TF_CONFIG"}
-    script = ROOT / "tests" / "training" / "two_replica_check.py"
-    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    return _result(done.stdout, done.stderr, done.returncode, "two-replica check")
 
 
 def _free_ports(n: int) -> list[int]:
@@ -60,24 +52,41 @@ def worker_runs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def worker_reports(worker_runs) -> list[dict]:
+def launched(worker_runs) -> dict:
+    """The three processes, started together: the two-replica check and the two workers (each ~40-60 s of
+    TensorFlow start-up and tracing, mostly on one core) overlap instead of running one after the other."""
+    env = {key: value for key, value in ENV.items() if key != "TF_CONFIG"}
+    replica = subprocess.Popen([sys.executable, str(ROOT / "tests" / "training" / "two_replica_check.py")], cwd=ROOT,
+                               env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     workers = [f"localhost:{port}" for port in _free_ports(2)]
-    processes = []
+    processes = [replica]
     for index in range(2):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
         processes.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "training" / "two_worker_check.py"),
                                            str(worker_runs)], cwd=ROOT,
                                           env={**ENV, "TF_CONFIG": json.dumps(tf_config)}, text=True,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    reports = []
+    def finished(process):
+        stdout, stderr = process.communicate(timeout=600)   # drains both pipes, so no process blocks on a full one
+        return stdout, stderr, process.returncode
+
     try:
-        for index, process in enumerate(processes):
-            stdout, stderr = process.communicate(timeout=600)
-            reports.append(_result(stdout, stderr, process.returncode, f"worker {index}"))
+        with ThreadPoolExecutor(max_workers=len(processes)) as pool:
+            outputs = dict(zip(("two-replica check", "worker 0", "worker 1"), pool.map(finished, processes)))
     finally:
         for process in processes:
             process.kill()
-    return reports
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def report(launched) -> dict:
+    return _result(*launched["two-replica check"], "two-replica check")
+
+
+@pytest.fixture(scope="module")
+def worker_reports(launched) -> list[dict]:
+    return [_result(*launched[f"worker {index}"], f"worker {index}") for index in range(2)]
 
 
 def test_two_logical_cpu_replicas_are_used(report):

@@ -107,7 +107,9 @@ def teacher_model(teacher: dict):
     if teacher["model_file"] is not None:
         return keras.saving.load_model(teacher["model_file"], compile=False)
     meta = teacher["meta"] or {}
-    if meta.get("trained") or not meta.get("backbone"):
+    # A trained teacher without its model file, or an ensemble (its members' models are joined by the export,
+    # `pipeline/phases/export.py`; bench/bench_distill_speed.py times it): no single model to time here.
+    if meta.get("trained") or not meta.get("backbone") or meta.get("ensemble"):
         return None
     from models.backbones import build_feature_extractor
 
@@ -219,8 +221,12 @@ def _speed(student, teacher: dict, encoded: np.ndarray) -> dict:
     bench/ and BENCHMARKS.md hold the controlled timings)."""
     load = os.getloadavg()[0]
     student_rate = images_per_second(student, encoded)
-    model = teacher_model(teacher)
-    teacher_rate = images_per_second(model, encoded) if model is not None else None
+    try:
+        model = teacher_model(teacher)
+        teacher_rate = images_per_second(model, encoded) if model is not None else None
+    except Exception as exc:  # timing is a side note: it must not cost the trained student
+        log.warning("phase 3 (distill): the teacher could not be timed (%s: %s)", type(exc).__name__, exc)
+        teacher_rate = None
     speed = {"student_images_per_second": student_rate, "teacher_images_per_second": teacher_rate,
              "speedup": None if not teacher_rate else student_rate / teacher_rate, "n_images": int(len(encoded)),
              "load_average": [load, os.getloadavg()[0]]}

@@ -118,3 +118,13 @@ def test_phases_4_and_5_take_the_distill_flags(phase):
     assert (config.train.mode, config.train.teacher, config.train.student) == ("distill", "t224+arcface", "s128")
     with pytest.raises(SystemExit):   # training-only flags stay with phase 3
         cli.build_parser().parse_args(["phase4", "--epochs", "3"])
+
+
+def test_an_ensemble_teacher_has_no_single_model_to_time():
+    """An ensemble teacher (its members joined only by the export) is not rebuilt from a backbone named "ensemble":
+    that crashed a finished distillation at its timing step (BENCHMARKS 19, the ensemble teacher)."""
+    from pipeline.training.distill import teacher_model
+
+    meta = {"trained": False, "backbone": {"name": "ensemble", "weights": "imagenet"},
+            "ensemble": {"members": ["a", "b"], "combine": "concat", "weights": [1.0, 1.0]}}
+    assert teacher_model({"model_file": None, "meta": meta}) is None

@@ -38,8 +38,9 @@ def test_callers_pools_leave_the_running_worker_its_cores():
     before = blas_threads()
     with projections.sharing_cores():
         assert blas_threads() == before                                   # nothing runs beside: no limit
-    running = Future()                                                    # a worker still at work
-    projections._future = running
+    running, finished = Future(), Future()                                # one worker still at work, one done
+    finished.set_result({})
+    projections._futures = {"tsne": finished, "umap": running}
     import os
 
     with projections.sharing_cores():

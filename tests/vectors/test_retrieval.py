@@ -387,10 +387,10 @@ def test_chunk_size_does_not_change_anything():
 @pytest.mark.parametrize("metric", METRICS)
 def test_small_internal_budgets_change_nothing(metric, monkeypatch):
     """Split class groups into many row slices and binary-search every tie group."""
-    import pipeline.vectors.retrieval as retrieval
+    import pipeline.vectors.ranks as ranks
 
-    monkeypatch.setattr(retrieval, "_GROUP_ELEMENTS", 100)  # 3 rows per slice
-    monkeypatch.setattr(retrieval, "_WALK_LIMIT", 1)
+    monkeypatch.setattr(ranks, "GROUP_ELEMENTS", 100)  # 3 rows per slice
+    monkeypatch.setattr(ranks, "WALK_LIMIT", 1)
     rng = np.random.default_rng(11)
     prototypes = rng.integers(-2, 3, (6, 3)).astype(np.float32)
     x = prototypes[rng.integers(0, 6, 90)]

@@ -98,7 +98,7 @@ def test_modules_stay_readable():
 
 
 # A bottom layer may use these of pipeline/ (vectors/ writes its FAISS index atomically).
-BELOW = {"models": (), "pipeline.vectors": ("pipeline.core.atomic",)}
+BELOW = {"models": (), "pipeline.vectors": ("pipeline.core.atomic", "pipeline.core.cpus")}
 
 
 @pytest.mark.parametrize("layer", sorted(BELOW))

@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import logging
 import multiprocessing
-import os
 import random
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
@@ -51,10 +50,9 @@ class Accepted:
 def worker_count(data: DataConfig) -> int:
     if data.workers:
         return data.workers
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    from pipeline.core.cpus import available_cores
+
+    return available_cores()
 
 
 class Validator:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.cpus import available_cores
+
 METHODS = ("pca", "tsne", "umap")
 DISPLAY_NAMES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
 
@@ -305,10 +307,7 @@ def project_all(x: np.ndarray, methods: list[str], seed: int = 0) -> dict[str, n
 
 
 def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    return available_cores()
 
 
 def _project_with_threads(x: np.ndarray, methods: list[str], seed: int, threads: int) -> dict:

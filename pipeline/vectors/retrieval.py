@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -73,6 +72,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.vectors.gallery import ScoredGallery, rows_in_flight, sorted_candidates
+from pipeline.core.cpus import available_cores
 from pipeline.vectors import ranks
 from pipeline.vectors.ranks import RankPlan, score_rows
 from pipeline.vectors.segment_scan import CandidateRows, collect, key_error_margin, lower_bounds
@@ -382,8 +382,4 @@ def _single_threaded_blas():
 
 
 def _worker_count() -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 8))
+    return min(available_cores(), 8)

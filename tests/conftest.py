@@ -63,3 +63,13 @@ def run_cli_without_tensorflow(argv: list[str]):
             f"sys.exit(run.main({argv!r}))\n")
     return subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=300)
+
+
+def tiny_mobilenet_weights(path: Path, size: int = 32) -> Path:
+    """A weights file for MobileNet α0.25 (random init, saved): a run that loads it has real-but-tiny weights,
+    which export accepts (a random init is refused), and its conv weights fit any input size."""
+    import keras
+
+    keras.applications.MobileNet(alpha=0.25, include_top=False, weights=None,
+                                 input_shape=(size, size, 3)).save_weights(path)
+    return path

@@ -9,21 +9,17 @@ import pytest
 import yaml
 
 import run as cli
-from tests.conftest import make_class_folder
+from tests.conftest import make_class_folder, tiny_mobilenet_weights
 
 T32, T48 = "mobilenet-a0.25-32-custom", "mobilenet-a0.25-48-custom"
 
 
 @pytest.fixture(scope="module")
 def ensemble_run(tmp_path_factory):
-    import keras
-
     tmp_path = tmp_path_factory.mktemp("ens")
     images = make_class_folder(tmp_path / "images", n_classes=4, per_class=12)
-    weights = tmp_path / "mobilenet.weights.h5"
     # A weights file (not a random init) makes the members deployable; its conv weights fit any input size.
-    keras.applications.MobileNet(alpha=0.25, include_top=False, weights=None,
-                                 input_shape=(32, 32, 3)).save_weights(weights)
+    weights = tiny_mobilenet_weights(tmp_path / "mobilenet.weights.h5")
     backbone = {"name": "mobilenet", "alpha": 0.25, "weights": str(weights)}
     config = {
         "runs_dir": f"{tmp_path}/runs", "reports_dir": f"{tmp_path}/reports",

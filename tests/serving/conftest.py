@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import run as cli
-from tests.conftest import make_class_folder
+from tests.conftest import make_class_folder, tiny_mobilenet_weights
 
 TAG = "mobilenet-a0.25-32-custom"
 
@@ -24,13 +24,9 @@ def run_args(tmp_path: Path, weights: Path) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """(folder holding runs/ tfrecords/ images/, the CLI arguments naming the run)."""
-    import keras
-
     tmp_path = tmp_path_factory.mktemp("serving")
     images = make_class_folder(tmp_path / "images", n_classes=4, per_class=5, size=32)
-    weights = tmp_path / "mobilenet.weights.h5"
-    keras.applications.MobileNet(alpha=0.25, include_top=False, weights=None,
-                                 input_shape=(32, 32, 3)).save_weights(weights)
+    weights = tiny_mobilenet_weights(tmp_path / "mobilenet.weights.h5")
     args = run_args(tmp_path, weights)
     assert cli.main(["phase0", "--source", str(images), *args]) == 0
     assert cli.main(["phase1", *args]) == 0

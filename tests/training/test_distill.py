@@ -10,21 +10,17 @@ import yaml
 import run as cli
 from pipeline.config import load_config
 from pipeline.training.distill_plan import compared_model_groups, distilled_models, teacher_entry
-from tests.conftest import make_class_folder
+from tests.conftest import make_class_folder, tiny_mobilenet_weights
 
 TEACHER = "mobilenet-a0.25-32-none"
 
 
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
-    import keras
-
     tmp = tmp_path_factory.mktemp("distill")
     images = make_class_folder(tmp / "images", n_classes=4, per_class=10, size=32)
     # The student starts from a weights file (real-but-tiny weights, as tests/serving's run): export accepts it.
-    weights = tmp / "student.weights.h5"
-    keras.applications.MobileNet(alpha=0.25, include_top=False, weights=None,
-                                 input_shape=(32, 32, 3)).save_weights(weights)
+    weights = tiny_mobilenet_weights(tmp / "student.weights.h5")
     config = {"name": "d", "runs_dir": str(tmp / "runs"), "reports_dir": str(tmp / "reports"),
               "data": {"source": str(images), "tfrecords_dir": str(tmp / "tfrecords"), "name": "tiny"},
               "extract": {"backbones": [

@@ -31,21 +31,22 @@ def list_shards(dataset_dir: str | Path, split: str) -> list[Path]:
 
 
 def iter_records(path: str | Path) -> Iterator[bytes]:
-    """The serialized records of one TFRecord file, in order (raises ValueError on a truncated file)."""
+    """The serialized records of one TFRecord file, in order, read one at a time (a shard of large photos can hold
+    hundreds of MB); raises ValueError on a truncated file."""
     with open(path, "rb") as f:
-        data = f.read()
-    view = memoryview(data)
-    at = 0
-    while at < len(data):
-        if at + _HEADER_BYTES > len(data):
-            raise ValueError(f"{path}: truncated record header at byte {at}")
-        (length,) = _LENGTH.unpack_from(data, at)
-        start = at + _HEADER_BYTES
-        stop = start + length
-        if stop + _FOOTER_BYTES > len(data):
-            raise ValueError(f"{path}: truncated record at byte {at}")
-        yield bytes(view[start:stop])
-        at = stop + _FOOTER_BYTES
+        at = 0
+        while True:
+            header = f.read(_HEADER_BYTES)
+            if not header:
+                return
+            if len(header) < _HEADER_BYTES:
+                raise ValueError(f"{path}: truncated record header at byte {at}")
+            (length,) = _LENGTH.unpack_from(header)
+            data = f.read(length)
+            if len(data) < length or len(f.read(_FOOTER_BYTES)) < _FOOTER_BYTES:
+                raise ValueError(f"{path}: truncated record at byte {at}")
+            yield data
+            at += _HEADER_BYTES + length + _FOOTER_BYTES
 
 
 def _varint(buf: bytes, at: int) -> tuple[int, int]:

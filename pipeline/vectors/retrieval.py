@@ -315,7 +315,10 @@ def _lower_bounds(plan: RankPlan, scores: np.ndarray, query_ids: np.ndarray) -> 
             bound[part] = relevant.min(axis=1)
     k_eff = plan.k_eff[query_ids]
     active = np.flatnonzero(k_eff > 0)
-    enough = np.count_nonzero(scores[active] >= bound[active, None], axis=1) >= k_eff[active]
+    # Usually every row is active: compare the block in place (scores[active] would copy all of it first,
+    # 400 MB per 100 rows of a 1M gallery).
+    block = scores if active.size == n_rows else scores[active]
+    enough = np.count_nonzero(block >= bound[active, None], axis=1) >= k_eff[active]
     for row in active[~enough]:
         cut = gallery_size - int(k_eff[row])
         bound[row] = min(bound[row], np.partition(scores[row], cut)[cut])

@@ -13,7 +13,8 @@ class's members, and a value at most the k_eff-th largest score as the k_eff-th 
 items and the first gallery segment; the k-th largest of a subset never exceeds that of the whole), needed only
 when the query has fewer than k_eff relevant items. The bound is lowered by a margin that covers float32
 rounding differences between that pre-pass and the scan (`key_error_margin`): a few extra candidates below every
-relevant item change no rank. `CandidateRows.holds_every` checks afterwards that nothing was missed.
+relevant item change no rank. Nothing missed passes silently: `collect` raises when a query keeps fewer than k_eff
+candidates, and `ranks` when a relevant item is not among its query's candidates.
 
 A block whose candidates would pass `CANDIDATE_BUDGET`, or `gallery.CANDIDATE_SHARE` of its score rows, is
 given up (None): relevant items spread through the whole ranking make the candidates most of the gallery, and
@@ -74,11 +75,6 @@ class CandidateRows:
         values = self.scores[rows].ravel()[at]
         return np.where(found, values, np.float32(-np.inf)).reshape(rows.size, items.size)
 
-    def holds_every(self, rows: np.ndarray, items: np.ndarray, allowed_missing: np.ndarray) -> bool:
-        """Whether every item is a candidate of every row, apart from `allowed_missing[i]` items per row."""
-        missing = np.count_nonzero(np.isneginf(self.gather(rows, items)), axis=1)
-        return bool(np.all(missing <= allowed_missing))
-
 
 def key_error_margin(gallery: ScoredGallery, query_sq_norms: np.ndarray | None) -> np.ndarray | float:
     """How far two float32 computations of one ranking key may differ (see _MARGIN_FACTOR)."""
@@ -122,8 +118,8 @@ def lower_bounds(
         subset[np.flatnonzero(inside), exclude[rows][inside]] = -np.inf
         for i, row in enumerate(rows):
             members = members_of[codes[row]] if codes[row] < len(members_of) else np.empty(0, dtype=np.int64)
-            extra = gallery.keys_of(query[row:row + 1], members[members >= stop])[0]
-            extra = extra[members[members >= stop] != exclude[row]]
+            beyond = members[(members >= stop) & (members != exclude[row])]   # relevant items past the subset
+            extra = gallery.keys_of(query[row:row + 1], beyond)[0]
             values = np.concatenate([subset[i], extra])
             kth = np.partition(values, values.size - k_eff[row])[values.size - k_eff[row]]
             bound[row] = min(bound[row], float(kth))
@@ -154,7 +150,7 @@ def collect(
         row_parts.append(rows.astype(np.int32))
         column_parts.append(columns.astype(np.int64) + start)
     rows = np.concatenate(row_parts)
-    # Segments come in gallery order and nonzero is row-major, so a stable sort by row keeps columns ascending.
+    # Segments come in gallery order and flatnonzero is row-major, so a stable sort by row keeps columns ascending.
     order = np.argsort(rows, kind="stable")
     rows = rows[order]
     counts = np.bincount(rows, minlength=n_rows)
